@@ -1,0 +1,23 @@
+"""optax_gaf: Gradient Agreement Filtering (arXiv 2412.18052) for Optax."""
+
+from optax_gaf._src.agreement import Agreement as Agreement
+from optax_gaf._src.agreement import agreement_weights as agreement_weights
+from optax_gaf._src.gram import gram_matrix as gram_matrix
+from optax_gaf._src.microbatch import microbatch_grads as microbatch_grads
+from optax_gaf._src.transform import GafState as GafState
+from optax_gaf._src.transform import gaf as gaf
+from optax_gaf._src.wrapper import WithGafState as WithGafState
+from optax_gaf._src.wrapper import with_gaf as with_gaf
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "Agreement",
+    "GafState",
+    "WithGafState",
+    "agreement_weights",
+    "gaf",
+    "gram_matrix",
+    "microbatch_grads",
+    "with_gaf",
+)

@@ -1,0 +1,187 @@
+"""The sequential agreement filter, run on scalars only.
+
+GAF folds microgradients into a running reference ``g`` one at a time. Every
+decision needs only three numbers: ``<g, g_i>``, ``|g|^2`` and ``|g_i|^2``.
+:func:`fold_step` is that decision (shared by the vmapped, multi-device and
+streaming paths); :func:`agreement_weights` runs it over a K x K Gram matrix
+and returns the weights ``w`` with ``g = sum_i w_i g_i``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from optax_gaf._src import base
+
+
+class FoldCarry(NamedTuple):
+  """Scalar state of the sequential fold.
+
+  Attributes:
+    count: number of microgradients folded into the reference (0 until the
+      first finite microgradient becomes the reference).
+    norm2: squared norm ``|g|^2`` of the running reference.
+  """
+  count: jax.Array
+  norm2: jax.Array
+
+
+class FoldStep(NamedTuple):
+  """One decision of the filter: ``g <- alpha * g + beta * g_i``.
+
+  Attributes:
+    carry: the updated :class:`FoldCarry`.
+    alpha: coefficient of the old reference.
+    beta: coefficient of the new microgradient.
+    distance: cosine distance ``1 - cos(g, g_i)`` (0 when nothing was
+      compared: for the reference itself and for non-finite ``g_i``).
+    accepted: True if ``g_i`` was folded in (reference included).
+    compared: True if ``g_i`` was compared with a reference.
+  """
+  carry: FoldCarry
+  alpha: jax.Array
+  beta: jax.Array
+  distance: jax.Array
+  accepted: jax.Array
+  compared: jax.Array
+
+
+def init_carry(dtype=jnp.float32) -> FoldCarry:
+  return FoldCarry(count=jnp.zeros([], jnp.int32), norm2=jnp.zeros([], dtype))
+
+
+def cosine_distance(dot: jax.Array, norm2_a: jax.Array, norm2_b: jax.Array) -> jax.Array:
+  """``1 - cos`` from an inner product and squared norms; cos is 0 at zero norm.
+
+  The cosine is clipped to [-1, 1] against rounding; no NaN for zero norms.
+  """
+  denom = jnp.sqrt(jnp.maximum(norm2_a, 0)) * jnp.sqrt(jnp.maximum(norm2_b, 0))
+  ok = denom > 0
+  cos = jnp.where(ok, dot / jnp.where(ok, denom, 1), 0)
+  return 1 - jnp.clip(cos, -1, 1)
+
+
+def fold_step(
+    carry: FoldCarry,
+    dot: jax.Array,
+    norm2_i: jax.Array,
+    finite_i: jax.Array,
+    tau: jax.Array,
+    combine: base.Combine,
+) -> FoldStep:
+  """Decides whether microgradient ``g_i`` joins the running reference ``g``.
+
+  Args:
+    carry: the fold so far.
+    dot: ``<g, g_i>`` (ignored when ``finite_i`` is False or no reference yet).
+    norm2_i: ``|g_i|^2``.
+    finite_i: whether ``g_i`` is finite; a non-finite ``g_i`` is dropped.
+    tau: cosine distance threshold; accept when ``1 - cos(g, g_i) <= tau``.
+    combine: ``"mean"`` (running mean ``(c g + g_i) / (c + 1)``) or
+      ``"pairwise"`` (``(g + g_i) / 2``).
+
+  Returns:
+    A :class:`FoldStep`; the new reference is ``alpha * g + beta * g_i``.
+  """
+  dtype = carry.norm2.dtype
+  dot = jnp.where(finite_i, dot, 0).astype(dtype)
+  norm2_i = jnp.where(finite_i, norm2_i, 0).astype(dtype)
+  has_ref = carry.count > 0
+  compared = finite_i & has_ref
+  distance = jnp.where(compared, cosine_distance(dot, carry.norm2, norm2_i), 0)
+  is_ref = finite_i & ~has_ref
+  accept = compared & (distance <= jnp.asarray(tau, dtype))
+  c = carry.count.astype(dtype)
+  if combine == "mean":
+    a_acc, b_acc = c / (c + 1), 1 / (c + 1)
+  else:
+    a_acc, b_acc = jnp.asarray(0.5, dtype), jnp.asarray(0.5, dtype)
+  alpha = jnp.where(is_ref, 0, jnp.where(accept, a_acc, 1)).astype(dtype)
+  beta = jnp.where(is_ref, 1, jnp.where(accept, b_acc, 0)).astype(dtype)
+  norm2 = alpha**2 * carry.norm2 + 2 * alpha * beta * dot + beta**2 * norm2_i
+  norm2 = jnp.where(is_ref | accept, jnp.maximum(norm2, 0), carry.norm2)
+  count = carry.count + (is_ref | accept).astype(jnp.int32)
+  return FoldStep(FoldCarry(count, norm2), alpha, beta, distance,
+                  is_ref | accept, compared)
+
+
+class Agreement(NamedTuple):
+  """Outcome of the filter over K microgradients.
+
+  Attributes:
+    weights: ``[K]`` weights; the filtered gradient is ``sum_i w_i g_i``.
+      All zeros when the step is skipped.
+    distances: ``[K]`` cosine distances to the running reference at the time
+      each microgradient was compared (0 for the reference and for dropped
+      non-finite microgradients).
+    accepted: ``[K]`` bool, microgradients that contribute to the update
+      (the reference included; all False on a skip).
+    finite: ``[K]`` bool, microgradients without NaN/Inf.
+    num_accepted: number of True entries of ``accepted``.
+    skipped: True when fewer than two microgradients agreed.
+  """
+  weights: jax.Array
+  distances: jax.Array
+  accepted: jax.Array
+  finite: jax.Array
+  num_accepted: jax.Array
+  skipped: jax.Array
+
+
+def finite_from_gram(gram: jax.Array) -> jax.Array:
+  """Microgradient ``i`` is finite iff ``G[i, i] = |g_i|^2`` is finite."""
+  return jnp.isfinite(jnp.diagonal(gram))
+
+
+def agreement_weights(
+    gram: jax.Array,
+    tau: jax.Array,
+    combine: base.Combine,
+    finite: jax.Array | None = None,
+) -> Agreement:
+  """Runs the sequential GAF filter on a Gram matrix.
+
+  The reference is tracked as a weight vector ``v`` (``g = sum_j v_j g_j``) so
+  that ``<g, g_i> = (G v)_i`` needs no gradient memory; ``|g|^2`` is carried
+  by :func:`fold_step`.
+
+  Args:
+    gram: ``[K, K]`` inner products (float32 or wider).
+    tau: cosine distance threshold (scalar).
+    combine: ``"mean"`` or ``"pairwise"``.
+    finite: optional ``[K]`` mask of finite microgradients; by default read off
+      the Gram diagonal.
+
+  Returns:
+    An :class:`Agreement`.
+  """
+  k = gram.shape[0]
+  dtype = gram.dtype
+  if finite is None:
+    finite = finite_from_gram(gram)
+  both = finite[:, None] & finite[None, :]
+  g = jnp.where(both, gram, 0).astype(dtype)
+  diag = jnp.diagonal(g)
+  eye = jnp.eye(k, dtype=dtype)
+
+  def body(i, state):
+    carry, v, distances, accepted = state
+    dot = jnp.dot(v, g[:, i], precision=lax.Precision.HIGHEST)
+    step = fold_step(carry, dot, diag[i], finite[i], tau, combine)
+    v = step.alpha * v + step.beta * eye[i]
+    return (step.carry, v, distances.at[i].set(step.distance),
+            accepted.at[i].set(step.accepted))
+
+  state = (init_carry(dtype), jnp.zeros([k], dtype), jnp.zeros([k], dtype),
+           jnp.zeros([k], bool))
+  carry, v, distances, accepted = lax.fori_loop(0, k, body, state)
+  skipped = carry.count < 2
+  weights = jnp.where(skipped, 0, v)
+  accepted = accepted & ~skipped
+  return Agreement(
+      weights=weights, distances=distances, accepted=accepted, finite=finite,
+      num_accepted=jnp.sum(accepted, dtype=jnp.int32), skipped=skipped)

@@ -1,0 +1,58 @@
+"""Shared types, constants and argument checks for optax_gaf."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import jax
+import numpy as np
+import optax
+
+MicroGrads = optax.Updates
+"""Updates whose every leaf has a leading microbatch axis of size K."""
+
+Combine = Literal["mean", "pairwise"]
+COMBINE_RULES: tuple[str, ...] = ("mean", "pairwise")
+
+TauLike = Any  # float in [0, 2], a jax scalar, or an optax schedule.
+
+
+def check_tau(tau: TauLike, name: str = "tau") -> None:
+  """Raises ValueError if a concrete ``tau`` is not a finite number in [0, 2].
+
+  Schedules (callables) and traced values (e.g. under
+  ``optax.inject_hyperparams`` inside ``jit``) are accepted without a check.
+  """
+  if callable(tau) or isinstance(tau, jax.core.Tracer):
+    return
+  try:
+    value = np.asarray(tau)
+  except Exception as e:  # pragma: no cover - defensive
+    raise TypeError(f"`{name}` must be a float in [0, 2] or a schedule, got {tau!r}") from e
+  if value.ndim != 0 or not np.issubdtype(value.dtype, np.number) or np.iscomplexobj(value):
+    raise ValueError(
+        f"`{name}` must be a real scalar in [0, 2] or a schedule, got {tau!r}")
+  v = float(value)
+  if math.isnan(v) or not 0.0 <= v <= 2.0:
+    raise ValueError(
+        f"`{name}` must be in [0, 2] (cosine distance threshold), got {v}")
+
+
+def check_combine(combine: str) -> None:
+  """Raises ValueError if ``combine`` is not one of the fold rules."""
+  if combine not in COMBINE_RULES:
+    raise ValueError(
+        f"`combine` must be one of {COMBINE_RULES}, got {combine!r}")
+
+
+def check_num_microbatches(k: Any, name: str = "num_microbatches") -> int | None:
+  """Validates an optional static microbatch count; returns it as int."""
+  if k is None or isinstance(k, jax.core.Tracer):
+    return None
+  if isinstance(k, bool) or not np.issubdtype(np.asarray(k).dtype, np.integer) or np.ndim(k):
+    raise ValueError(f"`{name}` must be an int >= 2, got {k!r}")
+  k = int(k)
+  if k < 2:
+    raise ValueError(f"GAF needs at least 2 microbatches; `{name}` is {k}")
+  return k

@@ -1,0 +1,123 @@
+"""Gram matrix of microbatch gradients: ``G[i, j] = <g_i, g_j>`` over all leaves."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from optax_gaf._src import base
+
+
+def accumulation_dtype(dtype: Any) -> jnp.dtype:
+  """The dtype inner products are accumulated in: float32 or wider."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def tree_accumulation_dtype(grads: base.MicroGrads) -> jnp.dtype:
+  """The widest accumulation dtype over the leaves of ``grads``."""
+  dtype = jnp.dtype(jnp.float32)
+  for leaf in jax.tree.leaves(grads):
+    dtype = jnp.promote_types(dtype, accumulation_dtype(leaf.dtype))
+  return dtype
+
+
+def num_microbatches(
+    grads: base.MicroGrads, params: Any = None, *, local: bool = False
+) -> int:
+  """Returns the size K of the leading microbatch axis shared by every leaf.
+
+  Args:
+    grads: a pytree whose every leaf has a leading microbatch axis.
+    params: optional parameters (without the microbatch axis); when given,
+      each gradient leaf must have shape ``(K, *param.shape)``.
+    local: if True, K may be 1 (a per-device slice of a larger K).
+
+  Returns:
+    K, a Python int.
+
+  Raises:
+    ValueError: if a leaf has no leading axis, leaves disagree on K, a leaf
+      does not match its parameter, or K < 2.
+  """
+  leaves = jax.tree_util.tree_leaves_with_path(grads)
+  if not leaves:
+    raise ValueError("GAF got an empty gradient pytree")
+  k = None
+  first = None
+  for path, leaf in leaves:
+    name = jax.tree_util.keystr(path) or "<root>"
+    shape = tuple(jnp.shape(leaf))
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+      raise ValueError(
+          f"GAF needs floating-point gradients; leaf {name} has dtype "
+          f"{jnp.result_type(leaf)}")
+    if len(shape) == 0:
+      raise ValueError(
+          f"Gradient leaf {name} is a scalar: it has no leading microbatch "
+          "axis. GAF expects every leaf to have shape (K, *param_shape), e.g. "
+          "from `jax.vmap(jax.grad(loss))` or `optax_gaf.microbatch_grads`.")
+    if k is None:
+      k, first = shape[0], (name, shape)
+    elif shape[0] != k:
+      raise ValueError(
+          "Gradient leaves disagree on the leading microbatch axis: leaf "
+          f"{first[0]} has shape {first[1]} but leaf {name} has shape {shape}. "
+          "Every leaf needs the same leading size K.")
+  if params is not None:
+    p_leaves = jax.tree_util.tree_leaves_with_path(params)
+    if len(p_leaves) == len(leaves):
+      for (path, g), (_, p) in zip(leaves, p_leaves):
+        if tuple(jnp.shape(g)) != (k, *jnp.shape(p)):
+          name = jax.tree_util.keystr(path) or "<root>"
+          raise ValueError(
+              f"Gradient leaf {name} has shape {tuple(jnp.shape(g))} but its "
+              f"parameter has shape {tuple(jnp.shape(p))}: expected "
+              f"{(k, *jnp.shape(p))} (a leading microbatch axis of size {k}). "
+              "Is the microbatch axis missing on this leaf?")
+  if k < (1 if local else 2):
+    raise ValueError(f"GAF needs at least 2 microbatches, got K={k}")
+  return k
+
+
+def _as_matrix(leaf: jax.Array) -> jax.Array:
+  """A free ``[K, n]`` view of a ``[K, ...]`` leaf."""
+  return jnp.reshape(leaf, (leaf.shape[0], -1))
+
+
+def gram_matrix(grads: base.MicroGrads) -> jax.Array:
+  """Computes the K x K Gram matrix of microgradients summed over leaves.
+
+  One matrix product per leaf on a reshaped ``[K, n]`` view (no flatten and
+  concatenate), accumulated in float32 (or float64 for float64 gradients)
+  at full precision, so bf16/fp16 gradients do not lose the inner products.
+
+  Args:
+    grads: pytree of arrays with a leading microbatch axis K.
+
+  Returns:
+    ``G`` of shape ``[K, K]`` with ``G[i, j] = sum_leaves <g_i, g_j>``.
+  """
+  acc = tree_accumulation_dtype(grads)
+  total = None
+  for leaf in jax.tree.leaves(grads):
+    x = _as_matrix(leaf)
+    g = lax.dot_general(
+        x, x, (((1,), (1,)), ((), ())),
+        precision=lax.Precision.HIGHEST, preferred_element_type=acc)
+    total = g if total is None else total + g
+  return total
+
+
+def cross_products(grads: base.MicroGrads, other: base.MicroGrads) -> jax.Array:
+  """``C[i, j] = <grads_i, other_j>`` summed over leaves (shapes [Ki, ...], [Kj, ...])."""
+  acc = jnp.promote_types(tree_accumulation_dtype(grads), tree_accumulation_dtype(other))
+  total = None
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(other)):
+    c = lax.dot_general(
+        _as_matrix(a), _as_matrix(b), (((1,), (1,)), ((), ())),
+        precision=lax.Precision.HIGHEST, preferred_element_type=acc)
+    total = c if total is None else total + c
+  return total

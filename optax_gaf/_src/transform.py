@@ -1,0 +1,193 @@
+"""``gaf``: Gradient Agreement Filtering as a chainable Optax transformation."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_gaf._src import agreement as agreement_lib
+from optax_gaf._src import base
+from optax_gaf._src import combine as combine_lib
+from optax_gaf._src import gram as gram_lib
+
+
+class GafState(NamedTuple):
+  """State of :func:`gaf`, also the filter statistics of :func:`with_gaf`.
+
+  All fields are arrays, so the state can be logged, checkpointed
+  (``flax.serialization``) and carried through ``lax.scan``.
+
+  Attributes:
+    count: number of ``update`` calls so far (int32); the step that
+      ``tau`` schedules see.
+    tau: the threshold used at the last step (float32).
+    distances: ``[K]`` float32 cosine distances ``1 - cos(g, g_i)`` of the last
+      step, each measured against the running reference when ``g_i`` was
+      compared; 0 for the reference itself and for dropped microgradients.
+    accepted: ``[K]`` bool, the microgradients that make up the last update
+      (the reference included); all False on a skipped step.
+    finite: ``[K]`` bool, False for microgradients dropped for NaN/Inf.
+    num_accepted: number of microgradients in the last update (0 on a skip).
+    skipped: whether the last step was skipped (nothing agreed).
+    num_skipped: running total of skipped steps.
+    num_dropped: running total of microgradients dropped for NaN/Inf.
+  """
+  count: jax.Array
+  tau: jax.Array
+  distances: jax.Array
+  accepted: jax.Array
+  finite: jax.Array
+  num_accepted: jax.Array
+  skipped: jax.Array
+  num_skipped: jax.Array
+  num_dropped: jax.Array
+
+
+def init_gaf_state(num_microbatches: int | None) -> GafState:
+  """The initial :class:`GafState`; per-microbatch fields have length K (or 0)."""
+  k = num_microbatches or 0
+  zero = jnp.zeros([], jnp.int32)
+  return GafState(
+      count=zero, tau=jnp.zeros([], jnp.float32),
+      distances=jnp.zeros([k], jnp.float32), accepted=jnp.zeros([k], bool),
+      finite=jnp.ones([k], bool), num_accepted=zero,
+      skipped=jnp.zeros([], bool), num_skipped=zero, num_dropped=zero)
+
+
+def current_tau(tau: base.TauLike, count: jax.Array) -> jax.Array:
+  """``tau`` at step ``count`` (evaluates schedules)."""
+  return jnp.asarray(tau(count) if callable(tau) else tau)
+
+
+def next_gaf_state(state: GafState, tau: jax.Array, agreement: agreement_lib.Agreement) -> GafState:
+  """Folds one step's :class:`~optax_gaf._src.agreement.Agreement` into the state."""
+  dropped = jnp.sum(~agreement.finite, dtype=jnp.int32)
+  return GafState(
+      count=optax.safe_increment(state.count),
+      tau=jnp.asarray(tau, jnp.float32),
+      distances=agreement.distances.astype(jnp.float32),
+      accepted=agreement.accepted,
+      finite=agreement.finite,
+      num_accepted=agreement.num_accepted.astype(jnp.int32),
+      skipped=agreement.skipped,
+      num_skipped=state.num_skipped + agreement.skipped.astype(jnp.int32),
+      num_dropped=state.num_dropped + dropped)
+
+
+def check_state_size(state: GafState, k: int, num_microbatches: int | None) -> None:
+  if num_microbatches is not None and k != num_microbatches:
+    raise ValueError(
+        f"GAF was built with `num_microbatches={num_microbatches}` but the "
+        f"gradients have a leading microbatch axis of size {k}")
+
+
+def filter_microgradients(
+    grads: base.MicroGrads, tau: jax.Array, combine: base.Combine
+) -> tuple[base.Updates, agreement_lib.Agreement]:
+  """Gram matrix -> agreement weights -> weighted sum, on one device.
+
+  Args:
+    grads: microgradients with a leading axis K (validated by the caller).
+    tau: threshold at this step.
+    combine: fold rule.
+
+  Returns:
+    ``(filtered, agreement)``; ``filtered`` is all zeros on a skip and never
+    contains NaN/Inf coming from dropped microgradients.
+  """
+  gram = gram_lib.gram_matrix(grads)
+  agreement = agreement_lib.agreement_weights(gram, tau, combine)
+  filtered = combine_lib.weighted_sum(agreement.weights, grads, agreement.finite)
+  return filtered, agreement
+
+
+def gaf(
+    tau: base.TauLike = 0.97,
+    *,
+    combine: base.Combine = "mean",
+    num_microbatches: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Gradient Agreement Filtering over a leading microbatch axis.
+
+  Takes K microbatch gradients (every leaf shaped ``[K, *param_shape]``) and
+  returns one gradient made only of the microgradients that agree:
+
+  .. math::
+
+    g \leftarrow g_1;\quad \text{for } i = 2..K:\;
+    d_i = 1 - \frac{\langle g, g_i \rangle}{\|g\|\,\|g_i\|},\;
+    \text{accept } g_i \text{ iff } d_i \le \tau
+
+  with the norms and inner products taken over all leaves as one vector.
+  An accepted ``g_i`` is folded in by the running mean
+  ``g <- (c g + g_i) / (c + 1)`` (``combine="mean"``) or by the authors'
+  pairwise average ``g <- (g + g_i) / 2`` (``combine="pairwise"``). If no
+  ``g_i`` was accepted the step is a skip and the update is all zeros; use
+  :func:`with_gaf` to also leave the following optimizer untouched.
+
+  The filter runs on the K x K Gram matrix (one matrix product per leaf,
+  accumulated in float32 or wider) and returns ``sum_i w_i g_i`` in the
+  gradients' dtype; no gradient is flattened or copied. Microgradients with
+  NaN/Inf are dropped (never the reference, never accepted); with fewer than
+  two finite ones the step is a skip. Zero-norm microgradients have cosine 0.
+
+  Args:
+    tau: cosine distance threshold in [0, 2], or an optax schedule of the step
+      count. Works with ``optax.inject_hyperparams``.
+    combine: ``"mean"`` or ``"pairwise"``.
+    num_microbatches: K, if known. It gives the state's per-microbatch fields
+      (``distances``, ``accepted``, ``finite``) their length at ``init``;
+      without it they start empty and take length K at the first update (one
+      extra trace under ``jit``; pass K to use the state in ``lax.scan``).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``init(params)`` takes
+    parameters without the microbatch axis and whose
+    ``update(grads, state, params=None)`` takes microgradients with it. The
+    state is a :class:`GafState`.
+
+  Raises:
+    ValueError: ``tau`` outside [0, 2] or NaN, unknown ``combine``,
+      ``num_microbatches < 2``; at update, leaves without the microbatch axis,
+      leaves with different K, or K < 2.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, optax_gaf
+    >>> opt = optax.chain(optax_gaf.gaf(0.97), optax.sgd(0.1))
+    >>> params = {'w': jnp.zeros(3)}
+    >>> state = opt.init(params)
+    >>> grads = {'w': jnp.array([[1., 0., 0.], [1., 1., 0.]])}  # K = 2
+    >>> updates, state = opt.update(grads, state, params)
+    >>> updates['w']
+    Array([-0.1 , -0.05, -0.  ], dtype=float32)
+
+  References:
+    Chaubard, Eddy and Kochenderfer, *Beyond Gradient Averaging in Parallel
+    Optimization: Improved Robustness through Gradient Agreement Filtering*,
+    2024. https://arxiv.org/abs/2412.18052
+
+  .. warning::
+    Place ``gaf`` first in a chain: it needs per-microbatch gradients, and it
+    emits zeros on a skip, which later stateful transformations (momentum,
+    Adam) still count as a step. :func:`with_gaf` skips them properly.
+  """
+  base.check_tau(tau)
+  base.check_combine(combine)
+  k_static = base.check_num_microbatches(num_microbatches)
+
+  def init_fn(params: optax.Params) -> GafState:
+    del params
+    return init_gaf_state(k_static)
+
+  def update_fn(grads, state: GafState, params=None, **extra_args):
+    del extra_args
+    k = gram_lib.num_microbatches(grads, params)
+    check_state_size(state, k, k_static)
+    tau_t = current_tau(tau, state.count)
+    filtered, agreement = filter_microgradients(grads, tau_t, combine)
+    return filtered, next_gaf_state(state, tau_t, agreement)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,118 @@
+"""``with_gaf``: filter microgradients, then run an inner optimizer or skip it."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from optax_gaf._src import base
+from optax_gaf._src import gram as gram_lib
+from optax_gaf._src import transform
+
+
+class WithGafState(NamedTuple):
+  """State of :func:`with_gaf`.
+
+  Attributes:
+    gaf_state: the filter's :class:`GafState` (distances, acceptance, skips).
+    inner_state: the inner optimizer's state; bit-for-bit unchanged on a skip.
+  """
+  gaf_state: transform.GafState
+  inner_state: Any
+
+
+def apply_or_skip(
+    inner: optax.GradientTransformation,
+    skip: jax.Array,
+    updates: optax.Updates,
+    inner_state: Any,
+    params: optax.Params | None,
+    **extra_args,
+) -> tuple[optax.Updates, Any]:
+  """Runs ``inner.update`` unless ``skip``; on a skip returns zeros and the old state.
+
+  The new inner state is cast back to the old state's dtypes, as
+  ``optax.MultiSteps`` does, so both branches of the ``lax.cond`` agree.
+  """
+  inner = optax.with_extra_args_support(inner)
+
+  def do_update(_):
+    new_updates, new_state = inner.update(updates, inner_state, params, **extra_args)
+    new_state = jax.tree.map(
+        lambda new, old: jnp.asarray(new).astype(jnp.asarray(old).dtype),
+        new_state, inner_state)
+    return new_updates, new_state
+
+  def skip_update(_):
+    zeros = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype),
+        jax.eval_shape(lambda: inner.update(updates, inner_state, params, **extra_args)[0]))
+    return zeros, inner_state
+
+  return lax.cond(skip, skip_update, do_update, None)
+
+
+def with_gaf(
+    inner: optax.GradientTransformation,
+    tau: base.TauLike = 0.97,
+    *,
+    combine: base.Combine = "mean",
+    num_microbatches: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Gradient Agreement Filtering in front of an optimizer, with true skips.
+
+  Filters the K microgradients exactly like :func:`gaf`, then applies
+  ``inner`` to the filtered gradient. When nothing agreed (a skip), ``inner``
+  is not applied at all: its state stays bit-for-bit unchanged and the
+  returned updates are zeros, as the authors' code skips ``optimizer.step()``.
+  The skip uses ``lax.cond`` (like ``optax.apply_if_finite``).
+
+  Args:
+    inner: the optimizer to run on the filtered gradient (e.g.
+      ``optax.adamw(1e-3)``).
+    tau: cosine distance threshold in [0, 2], or a schedule of the step count.
+    combine: ``"mean"`` or ``"pairwise"``; see :func:`gaf`.
+    num_microbatches: K, if known; see :func:`gaf`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`WithGafState`. ``update(grads, state, params)`` takes
+    microgradients with a leading axis K and returns updates without it.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_gaf
+    >>> opt = optax_gaf.with_gaf(optax.adam(1e-2), tau=0.5)
+    >>> params = {'w': jnp.zeros(2)}
+    >>> state = opt.init(params)
+    >>> disagree = {'w': jnp.array([[1., 0.], [-1., 0.]])}
+    >>> updates, state = opt.update(disagree, state, params)
+    >>> updates['w'], state.gaf_state.skipped
+    (Array([0., 0.], dtype=float32), Array(True, dtype=bool))
+
+  References:
+    Chaubard, Eddy and Kochenderfer, 2024. https://arxiv.org/abs/2412.18052
+  """
+  base.check_tau(tau)
+  base.check_combine(combine)
+  k_static = base.check_num_microbatches(num_microbatches)
+
+  def init_fn(params: optax.Params) -> WithGafState:
+    return WithGafState(
+        gaf_state=transform.init_gaf_state(k_static),
+        inner_state=inner.init(params))
+
+  def update_fn(grads, state: WithGafState, params=None, **extra_args):
+    k = gram_lib.num_microbatches(grads, params)
+    transform.check_state_size(state.gaf_state, k, k_static)
+    tau_t = transform.current_tau(tau, state.gaf_state.count)
+    filtered, agreement = transform.filter_microgradients(grads, tau_t, combine)
+    updates, inner_state = apply_or_skip(
+        inner, agreement.skipped, filtered, state.inner_state, params, **extra_args)
+    gaf_state = transform.next_gaf_state(state.gaf_state, tau_t, agreement)
+    return updates, WithGafState(gaf_state=gaf_state, inner_state=inner_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
