@@ -1,11 +1,10 @@
-"""Test configuration: float64 available for the oracle, fixed seeds."""
+"""Test configuration shared by the suite.
+
+Multi-device tests run in subprocesses that set
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before importing jax;
+the main test process keeps the default single CPU device.
+"""
 
 import os
 
-# Multi-device tests run in subprocesses with their own XLA_FLAGS; the main
-# process keeps one CPU device.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-import jax  # noqa: E402
-
-jax.config.update("jax_enable_x64", True)
