@@ -1,0 +1,150 @@
+"""The offline label-noise demo (optax_gaf.demo) and its experiment code."""
+
+import json
+import socket
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flax")
+pytest.importorskip("sklearn")
+
+from optax_gaf import demo  # noqa: E402
+from optax_gaf._src import experiment as ex  # noqa: E402
+
+METRICS = ("final_test_acc", "best_test_acc", "final_train_acc_noisy", "skip_fraction",
+           "mean_cosine_distance")
+FAST = ["--steps", "8", "--eval-every", "4", "--microbatch-size", "8"]
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+  """Fails the test if anything opens a network connection."""
+  def refuse(*args, **kwargs):
+    raise AssertionError(f"network access attempted: {args}")
+  monkeypatch.setattr(socket.socket, "connect", refuse)
+  monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_demo_writes_summary_with_schema(tmp_path, no_network, capsys):
+  out = tmp_path / "out"
+  assert demo.main(FAST + ["--noise", "0.4", "--tau", "0.9", "--out", str(out)]) == 0
+  summary = json.loads((out / "summary.json").read_text())
+  assert set(summary) == {"config", "methods"}
+  assert summary["config"]["noise"] == 0.4 and summary["config"]["tau"] == 0.9
+  assert summary["config"]["dataset"] == "digits" and summary["config"]["steps"] == 8
+  methods = summary["methods"]
+  assert {"averaging", "gaf"} <= set(methods)
+  for name, stats in methods.items():
+    for key in METRICS:
+      assert isinstance(stats[key], float), (name, key)
+      assert np.isfinite(stats[key]), (name, key)
+    assert 0.0 <= stats["final_test_acc"] <= stats["best_test_acc"] <= 1.0
+    assert 0.0 <= stats["skip_fraction"] <= 1.0
+    assert 0.0 <= stats["mean_cosine_distance"] <= 2.0
+  assert methods["averaging"]["skip_fraction"] == 0.0
+  # The controls skip exactly as many steps as GAF did.
+  n_gaf = methods["gaf"]["num_updates"]
+  assert methods["random_skip"]["num_updates"] == n_gaf
+  assert methods["averaging_at_gaf_updates"]["num_updates"] == n_gaf
+  assert (out / "label_noise.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  printed = capsys.readouterr().out
+  assert "GAF" in printed and "averaging" in printed and "final test" in printed
+
+
+def test_demo_mnist1d_generates_data_offline(tmp_path, no_network):
+  out = tmp_path / "m1d"
+  demo.main(["--dataset", "mnist1d", "--model", "mlp", "--no-controls", "--out", str(out)] + FAST)
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["config"]["model"] == "mlp"
+  assert summary["config"]["num_train"] == 4000 and summary["config"]["num_test"] == 1000
+  assert set(summary["methods"]) == {"averaging", "gaf"}
+
+
+@pytest.mark.parametrize("flags", [
+    ["--noise", "1.0"], ["--noise", "-0.1"], ["--noise", "nan"], ["--tau", "2.5"],
+    ["--tau", "-0.01"], ["--microbatch-size", "0"], ["--num-microbatches", "1"],
+    ["--dataset", "cifar10"], ["--optimizer", "lbfgs"], ["--combine", "max"],
+    ["--lr", "0"], ["--steps", "0"], ["--noise", "abc"],
+])
+def test_bad_flags_exit_2_and_write_nothing(tmp_path, flags, capsys):
+  out = tmp_path / "never"
+  with pytest.raises(SystemExit) as err:
+    demo.main(flags + ["--out", str(out)])
+  assert err.value.code == 2
+  assert "error" in capsys.readouterr().err
+  assert not out.exists()
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_label_noise_only_changes_the_requested_fraction():
+  y = np.arange(20000, dtype=np.int32) % 10
+  noisy = ex.add_label_noise(y, 0.4, 10, seed=3)
+  flipped = noisy != y
+  assert abs(flipped.mean() - 0.4) < 0.015
+  # Symmetric: a flipped label goes to every other class about equally often.
+  offsets = ((noisy - y) % 10)[flipped]
+  counts = np.bincount(offsets, minlength=10)
+  assert counts[0] == 0 and counts[1:].min() > 0.8 * counts[1:].mean()
+  pair = ex.add_label_noise(y, 0.3, 10, seed=3, kind="pairflip")
+  assert np.all((pair == y) | (pair == (y + 1) % 10))
+  np.testing.assert_array_equal(ex.add_label_noise(y, 0.0, 10, seed=3), y)
+
+
+def test_data_order_is_a_permutation_per_epoch():
+  order = ex.data_order(seed=0, num_train=50, batch_size=8, steps=12)
+  assert order.shape == (12, 8)
+  first_epoch = order[:6].ravel()
+  assert len(set(first_epoch.tolist())) == 48  # 6 batches, no repeats, 2 dropped
+  np.testing.assert_array_equal(order, ex.data_order(0, 50, 8, 12))
+
+
+def _tiny_setup(seeds=(0,), steps=8, k=2, m=8):
+  # Same shapes and optimizer as FAST, so the jitted steps are shared with the demo test.
+  data = ex.load_data("digits")
+  y_noisy = np.stack([ex.add_label_noise(data.y_train, 0.4, 10, s) for s in seeds])
+  order = np.stack([ex.data_order(s, data.x_train.shape[0], k * m, steps) for s in seeds])
+  graphdef, params = ex.init_replicas("mlp", data, list(seeds))
+  return data, y_noisy, order, graphdef, params
+
+
+def test_gaf_accepting_everything_is_averaging_on_the_same_microbatches():
+  # tau = 2 accepts every microgradient and the running-mean fold is the plain
+  # mean, so GAF must reproduce averaging step for step: this pins that both
+  # methods see the same data order and the same microbatches.
+  data, y_noisy, order, graphdef, params = _tiny_setup()
+  kw = dict(num_microbatches=2, eval_every=4, optimizer="sgd", lr=0.01)
+  avg = ex.train(data, y_noisy, order, graphdef, params, method="averaging", **kw)
+  gaf = ex.train(data, y_noisy, order, graphdef, params, method="gaf", tau=2.0,
+                 combine="pairwise", **kw)
+  np.testing.assert_allclose(gaf.test_acc, avg.test_acc, atol=1e-6)
+  np.testing.assert_allclose(gaf.train_acc_noisy, avg.train_acc_noisy, atol=1e-6)
+  np.testing.assert_allclose(gaf.distance, avg.distance, atol=1e-4)
+  assert not gaf.skipped.any()
+
+
+def test_masked_averaging_and_gaf_skips_freeze_the_model():
+  data, y_noisy, order, graphdef, params = _tiny_setup()
+  kw = dict(num_microbatches=2, eval_every=4, optimizer="sgd", lr=0.01)
+  none = np.zeros(order.shape[:2], bool)
+  frozen = ex.train(data, y_noisy, order, graphdef, params, method="averaging", mask=none, **kw)
+  assert frozen.skipped.all()
+  assert np.all(frozen.test_acc == frozen.test_acc[:, :1])
+  # tau = 0 rejects every non-identical microgradient: GAF skips every step.
+  gaf = ex.train(data, y_noisy, order, graphdef, params, method="gaf", tau=0.0, **kw)
+  assert gaf.skipped.all()
+  np.testing.assert_array_equal(gaf.test_acc, frozen.test_acc)
+  s = ex.summarize(gaf)
+  np.testing.assert_array_equal(s["num_updates"], [0])
+  np.testing.assert_array_equal(s["skip_fraction"], [1.0])
+
+
+def test_control_masks_match_gaf_skip_counts():
+  skipped = np.random.default_rng(0).random((3, 40)) < 0.7
+  rand = ex.random_skip_mask(skipped, seed=1)
+  trunc = ex.truncation_mask(skipped)
+  np.testing.assert_array_equal(rand.sum(1), (~skipped).sum(1))
+  np.testing.assert_array_equal(trunc.sum(1), (~skipped).sum(1))
+  for row in trunc:
+    n = row.sum()
+    assert row[:n].all() and not row[n:].any()
