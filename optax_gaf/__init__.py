@@ -2,6 +2,7 @@
 
 from optax_gaf._src.agreement import Agreement as Agreement
 from optax_gaf._src.agreement import agreement_weights as agreement_weights
+from optax_gaf._src.collective import cross_device_gram as cross_device_gram
 from optax_gaf._src.gram import gram_matrix as gram_matrix
 from optax_gaf._src.microbatch import microbatch_grads as microbatch_grads
 from optax_gaf._src.transform import GafState as GafState
@@ -16,6 +17,7 @@ __all__ = (
     "GafState",
     "WithGafState",
     "agreement_weights",
+    "cross_device_gram",
     "gaf",
     "gram_matrix",
     "microbatch_grads",

@@ -10,6 +10,7 @@ import optax
 
 from optax_gaf._src import agreement as agreement_lib
 from optax_gaf._src import base
+from optax_gaf._src import collective
 from optax_gaf._src import combine as combine_lib
 from optax_gaf._src import gram as gram_lib
 
@@ -104,11 +105,37 @@ def filter_microgradients(
   return filtered, agreement
 
 
+def filter_step(
+    grads: base.MicroGrads,
+    state: GafState,
+    tau_t: jax.Array,
+    combine: base.Combine,
+    k_static: int | None,
+    config: collective.CollectiveConfig | None,
+    params: Any = None,
+    caller: str = "gaf",
+) -> tuple[base.Updates, agreement_lib.Agreement]:
+  """Validates the microgradients and filters them on one or many devices."""
+  if config is None:
+    k = gram_lib.num_microbatches(grads, params)
+    check_state_size(state, k, k_static)
+    return filter_microgradients(grads, tau_t, combine)
+  filtered, agreement = collective.filter_across_devices(
+      grads, tau_t, combine, config, params=params, step=state.count, caller=caller)
+  check_state_size(state, agreement.weights.shape[0], k_static)
+  return filtered, agreement
+
+
 def gaf(
     tau: base.TauLike = 0.97,
     *,
     combine: base.Combine = "mean",
     num_microbatches: int | None = None,
+    axis_name: Any = None,
+    mode: collective.Mode = "all_gather",
+    sketch_dim: int | None = None,
+    sketch_seed: int = 0,
+    local_axis: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Gradient Agreement Filtering over a leading microbatch axis.
 
@@ -142,6 +169,28 @@ def gaf(
       (``distances``, ``accepted``, ``finite``) their length at ``init``;
       without it they start empty and take length K at the first update (one
       extra trace under ``jit``; pass K to use the state in ``lax.scan``).
+      With ``axis_name`` this is the total K over all devices.
+    axis_name: for data parallelism: the ``jax.shard_map`` mesh axis or
+      ``jax.pmap`` axis the microgradients are spread over. Each device passes
+      its own microgradients; all devices return the same filtered gradient
+      (replicated, like ``lax.pmean``), equal to single-device ``gaf`` over
+      all ``K = devices x K_local`` microgradients in device-major order.
+      The K x K Gram matrix is shared first, then the update is one weighted
+      all-reduce. Calling ``update`` outside a trace binding the axis raises
+      ValueError naming it.
+    mode: how the cross-device inner products travel: ``"all_gather"``
+      (exact; gathers all microgradients, K x P memory per device),
+      ``"ring"`` (exact; half a ring of ``ppermute`` steps, O(P) extra memory
+      and about half the bytes, for large models) or ``"sketch"`` (estimated
+      cosines from ``sketch_dim``-dimensional count-sketches: only K x
+      ``sketch_dim`` values travel besides the all-reduce). See
+      :func:`cross_device_gram`.
+    sketch_dim: the sketch size d for ``mode="sketch"``.
+    sketch_seed: seed of the sketch's random signs (identical on all devices;
+      fresh signs every step).
+    local_axis: with ``axis_name``: True if each device's leaves have a
+      leading local microbatch axis ``K_local``; False if each device holds
+      one microgradient shaped like the parameters.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``init(params)`` takes
@@ -151,8 +200,9 @@ def gaf(
 
   Raises:
     ValueError: ``tau`` outside [0, 2] or NaN, unknown ``combine``,
-      ``num_microbatches < 2``; at update, leaves without the microbatch axis,
-      leaves with different K, or K < 2.
+      ``num_microbatches < 2``, unknown ``mode``, ``sketch_dim`` missing or
+      invalid; at update, leaves without the microbatch axis, leaves with
+      different K, K < 2, or ``axis_name`` not bound.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, optax_gaf
@@ -177,6 +227,8 @@ def gaf(
   base.check_tau(tau)
   base.check_combine(combine)
   k_static = base.check_num_microbatches(num_microbatches)
+  config = collective.make_config(
+      axis_name, mode, sketch_dim, sketch_seed, local_axis, caller="gaf")
 
   def init_fn(params: optax.Params) -> GafState:
     del params
@@ -184,10 +236,9 @@ def gaf(
 
   def update_fn(grads, state: GafState, params=None, **extra_args):
     del extra_args
-    k = gram_lib.num_microbatches(grads, params)
-    check_state_size(state, k, k_static)
     tau_t = current_tau(tau, state.count)
-    filtered, agreement = filter_microgradients(grads, tau_t, combine)
+    filtered, agreement = filter_step(
+        grads, state, tau_t, combine, k_static, config, params, caller="gaf")
     return filtered, next_gaf_state(state, tau_t, agreement)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -10,7 +10,7 @@ import optax
 from jax import lax
 
 from optax_gaf._src import base
-from optax_gaf._src import gram as gram_lib
+from optax_gaf._src import collective
 from optax_gaf._src import transform
 
 
@@ -62,6 +62,11 @@ def with_gaf(
     *,
     combine: base.Combine = "mean",
     num_microbatches: int | None = None,
+    axis_name: Any = None,
+    mode: collective.Mode = "all_gather",
+    sketch_dim: int | None = None,
+    sketch_seed: int = 0,
+    local_axis: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Gradient Agreement Filtering in front of an optimizer, with true skips.
 
@@ -77,6 +82,13 @@ def with_gaf(
     tau: cosine distance threshold in [0, 2], or a schedule of the step count.
     combine: ``"mean"`` or ``"pairwise"``; see :func:`gaf`.
     num_microbatches: K, if known; see :func:`gaf`.
+    axis_name: data-parallel axis (``jax.shard_map`` / ``jax.pmap``); see
+      :func:`gaf`. The skip decision comes from the replicated Gram matrix, so
+      it is identical on all devices and the inner states stay in sync.
+    mode: ``"all_gather"``, ``"ring"`` or ``"sketch"``; see :func:`gaf`.
+    sketch_dim: sketch size for ``mode="sketch"``.
+    sketch_seed: seed of the sketch signs.
+    local_axis: whether each device's leaves have a local microbatch axis.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -99,6 +111,8 @@ def with_gaf(
   base.check_tau(tau)
   base.check_combine(combine)
   k_static = base.check_num_microbatches(num_microbatches)
+  config = collective.make_config(
+      axis_name, mode, sketch_dim, sketch_seed, local_axis, caller="with_gaf")
 
   def init_fn(params: optax.Params) -> WithGafState:
     return WithGafState(
@@ -106,10 +120,10 @@ def with_gaf(
         inner_state=inner.init(params))
 
   def update_fn(grads, state: WithGafState, params=None, **extra_args):
-    k = gram_lib.num_microbatches(grads, params)
-    transform.check_state_size(state.gaf_state, k, k_static)
     tau_t = transform.current_tau(tau, state.gaf_state.count)
-    filtered, agreement = transform.filter_microgradients(grads, tau_t, combine)
+    filtered, agreement = transform.filter_step(
+        grads, state.gaf_state, tau_t, combine, k_static, config, params,
+        caller="with_gaf")
     updates, inner_state = apply_or_skip(
         inner, agreement.skipped, filtered, state.inner_state, params, **extra_args)
     gaf_state = transform.next_gaf_state(state.gaf_state, tau_t, agreement)
