@@ -232,7 +232,7 @@ def main(argv=None) -> int:
   p.add_argument("--suite", choices=("main", "explore", "quick"), default="main")
   p.add_argument("--seeds", type=int, default=5)
   p.add_argument("--tau-seeds", type=int, default=3)
-  p.add_argument("--tau-grid", default="0.85,0.9,0.95,1.0,1.05")
+  p.add_argument("--tau-grid", default="0.75,0.8,0.85,0.9,0.95,1.0,1.05")
   p.add_argument("--only", type=int, nargs="*", default=None, help="run only these config indices")
   p.add_argument("--out", default=None, help="output prefix (default benchmarks/results/label_noise[_explore])")
   args = p.parse_args(argv)
