@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import traceback
 
 import jax
@@ -139,7 +140,7 @@ def _optimizers(combine, k, mode, local_axis, runner_kind):
   dist = dict(axis_name=AXIS, mode=mode, local_axis=local_axis)
   opts = [("with_gaf", optax_gaf.with_gaf(optax.adam(0.1), 0.8, **kw),
            optax_gaf.with_gaf(optax.adam(0.1), 0.8, **kw, **dist))]
-  if runner_kind == "shard_map":
+  if runner_kind == "shard_map" and local_axis == (mode == "ring"):
     opts.append(("gaf", optax.chain(optax_gaf.gaf(0.8, **kw), optax.sgd(0.1)),
                  optax.chain(optax_gaf.gaf(0.8, **kw, **dist), optax.sgd(0.1))))
   return opts
@@ -190,7 +191,7 @@ def _run_cases(runner_kind):
 
 
 def check_shard_map_equals_vmapped():
-  assert _run_cases("shard_map") == 2 * 2 * 2 * 2 * 3
+  assert _run_cases("shard_map") == 2 * 2 * 2 * 3 + 2 * 2 * 3
 
 
 def check_pmap_equals_vmapped():
@@ -205,8 +206,8 @@ def _gram_under(mesh, local, mode, **kw):
 
 
 def check_ring_equals_all_gather():
-  for n in (2, 3, 7, 8):  # odd and even ring lengths
-    for k_local in (1, 3):
+  for n in (2, 7, 8):  # odd and even ring lengths
+    for k_local in ((1, 3) if n == 8 else (1,)):
       grads = _grads(n * k_local, seed=n, case="mixed")
       exact = np.asarray(optax_gaf.gram_matrix(grads))
       g_ag, f_ag = _gram_under(_mesh(n), grads, "all_gather")
@@ -287,7 +288,8 @@ def check_sketch_large_d_decides_like_exact():
     for k, local_axis in ((8, False), (16, True)):
       kw = dict(combine=combine, num_microbatches=k)
       exact_opt = optax.chain(optax_gaf.gaf(0.8, **kw), optax.sgd(1.0))
-      for d in (num_params // 2, num_params):
+      for d in ((num_params // 2, num_params) if combine == "mean" and local_axis
+                else (num_params // 2,)):
         sk_opt = optax.chain(optax_gaf.gaf(
             0.8, **kw, axis_name=AXIS, mode="sketch", sketch_dim=d, local_axis=local_axis),
             optax.sgd(1.0))
@@ -310,7 +312,7 @@ def check_sketch_large_d_decides_like_exact():
             else:
               assert 0 < err < 0.25, f"{what} distance error {err}"
             total += 1
-  assert total == 2 * 2 * 2 * 3 * 3
+  assert total == 5 * 3 * 3
 
 
 def check_sketch_is_unbiased():
@@ -366,11 +368,13 @@ def main(argv):
       "run with XLA_FLAGS=--xla_force_host_platform_device_count=8")
   names = argv or list(CHECKS)
   for name in names:
+    t0 = time.perf_counter()
     try:
       CHECKS[name]()
       result = {"name": name, "ok": True, "error": ""}
     except Exception:  # noqa: BLE001 - reported to the parent test
       result = {"name": name, "ok": False, "error": traceback.format_exc()[-4000:]}
+    result["seconds"] = round(time.perf_counter() - t0, 2)
     print(json.dumps(result), flush=True)
 
 
