@@ -148,3 +148,28 @@ def test_control_masks_match_gaf_skip_counts():
   for row in trunc:
     n = row.sum()
     assert row[:n].all() and not row[n:].any()
+
+
+def test_reported_cosine_distance_matches_numpy():
+  # The distance logged inside the vmapped, scanned training step must be the
+  # plain float64 cosine distance of the two microgradients of that step.
+  import jax
+  import optax
+  from flax import nnx
+  import optax_gaf
+  data, y_noisy, order, graphdef, params = _tiny_setup()
+  curves = ex.train(data, y_noisy, order, graphdef, params, method="averaging",
+                    num_microbatches=2, eval_every=4, optimizer="sgd", lr=0.01)
+  p0 = jax.tree.map(lambda a: a[0], params)
+
+  def loss_fn(p, b):
+    logits = nnx.merge(graphdef, p)(b["x"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, b["y"]).mean()
+
+  idx = order[0, 0]
+  grads = optax_gaf.microbatch_grads(loss_fn, 2)(p0, {"x": data.x_train[idx], "y": y_noisy[0, idx]})
+  flat = np.concatenate([np.asarray(g, np.float64).reshape(2, -1) for g in jax.tree.leaves(grads)], 1)
+  cos = flat[0] @ flat[1] / np.linalg.norm(flat[0]) / np.linalg.norm(flat[1])
+  np.testing.assert_allclose(
+      curves.distance[0, 0], 1 - cos, atol=1e-4,
+      err_msg="gram_matrix under jit(vmap(scan(...))) disagrees with float64 NumPy")
