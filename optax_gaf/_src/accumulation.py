@@ -351,27 +351,19 @@ def gaf_accumulate(
     running = fold_microgradient(
         state.running, grads, state.mini_step, tau_t, combine)
 
-    def end_cycle(_):
-      agreement = running_agreement(running)
-      filtered = running_result(running, grads)
-      updates, inner_state = wrapper.apply_or_skip(
-          inner, agreement.skipped, filtered, state.inner_state, params,
-          **extra_args)
-      gaf_state = transform.next_gaf_state(state.gaf_state, tau_t, agreement)
-      return (updates, jnp.zeros([], jnp.int32), init_running(running.aggregate, k),
-              gaf_state, inner_state, ~agreement.skipped)
-
-    def mid_cycle(_):
-      shapes = jax.eval_shape(lambda: inner.update(
-          grads, state.inner_state, params, **extra_args)[0])
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-      return (zeros, optax.safe_increment(state.mini_step), running,
-              state.gaf_state, state.inner_state, jnp.zeros([], bool))
-
-    updates, mini_step, running, gaf_state, inner_state, updated = lax.cond(
-        state.mini_step >= k - 1, end_cycle, mid_cycle, None)
+    emit = state.mini_step >= k - 1
+    agreement = running_agreement(running)
+    updates, inner_state = wrapper.apply_or_skip(
+        inner, ~emit | agreement.skipped, running_result(running, grads),
+        state.inner_state, params, **extra_args)
+    select = lambda new, old: jax.tree.map(lambda a, b: jnp.where(emit, a, b), new, old)
     return updates, GafAccumulateState(
-        mini_step=mini_step, running=running, gaf_state=gaf_state,
-        inner_state=inner_state, has_updated=updated)
+        mini_step=jnp.where(emit, 0, optax.safe_increment(state.mini_step)),
+        running=select(init_running(running.aggregate, k), running),
+        gaf_state=select(
+            transform.next_gaf_state(state.gaf_state, tau_t, agreement),
+            state.gaf_state),
+        inner_state=inner_state,
+        has_updated=emit & ~agreement.skipped)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
