@@ -113,6 +113,24 @@ def _rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def _reset_peak_rss() -> bool:
+  """Resets the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux)."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:  # pragma: no cover - not Linux, or not permitted
+    return False
+
+
+def _vm_hwm_bytes() -> int:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) * 1024
+  raise RuntimeError("no VmHWM in /proc/self/status")  # pragma: no cover
+
+
 def worker(method: str, k: int, mb: int, dims) -> dict:
   import jax
   step, args = build_step(method, k, mb, dims)
@@ -120,10 +138,13 @@ def worker(method: str, k: int, mb: int, dims) -> dict:
   rss_inputs = _rss_bytes()
   compiled = jax.jit(step).lower(*args).compile()
   ma = compiled.memory_analysis()
-  out = args
+  reset = _reset_peak_rss()
+  rss_before_run = _vm_hwm_bytes() if reset else None
   for _ in range(3):
     out = compiled(*args)
-  jax.block_until_ready(out)
+    jax.block_until_ready(out)
+    del out
+  run_peak = _vm_hwm_bytes() if reset else None
   num_params = sum(x.size for x in jax.tree.leaves(args[0]))
   return {
       "method": method, "K": k, "num_params": int(num_params),
@@ -133,6 +154,10 @@ def worker(method: str, k: int, mb: int, dims) -> dict:
       "temp_plus_output_bytes": int(ma.temp_size_in_bytes + ma.output_size_in_bytes),
       "peak_rss_bytes": _rss_bytes(),
       "rss_before_compile_bytes": rss_inputs,
+      # Peak RSS while running the compiled step (after compilation), and the
+      # growth over the RSS just before those calls.
+      "run_peak_rss_bytes": run_peak,
+      "run_rss_growth_bytes": None if run_peak is None else run_peak - rss_before_run,
   }
 
 
@@ -197,7 +222,8 @@ def main(argv=None) -> int:
   mib = lambda b: b / 2**20
   k0, k1 = min(args.ks), max(args.ks)
   columns = ["K", "method", "temp+output MiB", "x vs K=%d" % k0, "x vs multisteps",
-             "peak RSS MiB", "RSS x vs multisteps", "argument MiB"]
+             "peak RSS MiB", "RSS x vs multisteps", "run peak RSS MiB",
+             "run RSS growth MiB", "argument MiB"]
   rows = []
   for k in args.ks:
     for method in METHODS:
@@ -208,6 +234,8 @@ def main(argv=None) -> int:
                    r["temp_plus_output_bytes"] / base_k,
                    r["temp_plus_output_bytes"] / ms["temp_plus_output_bytes"],
                    mib(r["peak_rss_bytes"]), r["peak_rss_bytes"] / ms["peak_rss_bytes"],
+                   mib(r["run_peak_rss_bytes"] or 0),
+                   mib(r["run_rss_growth_bytes"] or 0),
                    mib(r["argument_bytes"])])
   checks = []
   for method in ("scan", "accumulate"):
@@ -232,8 +260,13 @@ def main(argv=None) -> int:
       "Timing ratios are noisy on this shared machine; the memory numbers are not.",
       "`accumulate` and `multisteps` compile the per-microbatch step (called K times per "
       "optimizer step); `vmapped` and `scan` compile one step over all K microbatches. "
-      "Peak RSS includes the JAX runtime and the XLA compiler (a few hundred MiB), so its "
-      "ratios are closer to 1 than the temp+output ratios. No buffer donation.",
+      "`peak RSS` is the process's lifetime peak (`ru_maxrss`): it includes the JAX "
+      "runtime and the XLA compiler's own peak (a few hundred MiB, varying by +-100 MiB "
+      "between runs of the same program), so its ratios say little. `run peak RSS` is the "
+      "peak while calling the compiled step 3 times, with the kernel's peak mark reset "
+      "(`/proc/self/clear_refs`) after compilation; `run RSS growth` is that peak minus the "
+      "RSS at the reset, i.e. what executing the step added (the allocator may reuse memory "
+      "the compiler freed, so it can undercount). No buffer donation.",
   ]
   info = _common.header({
       "model": f"MLP {args.dims}, {results[(METHODS[0], k0)]['num_params']:,} float32 params, Adam",
