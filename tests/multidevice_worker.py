@@ -332,6 +332,25 @@ def check_sketch_is_unbiased():
     assert 0.3 / np.sqrt(d) < cos.std() < 3 / np.sqrt(d), (d, cos.std())
 
 
+def check_bfloat16_grads_match_single_device():
+  """bf16 microgradients: same decisions; update within bf16 rounding."""
+  mesh = _mesh(8)
+  grads = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _grads(16, seed=4, case="nan"))
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _params())
+  for mode in ("ring", "sketch"):
+    kw = dict(sketch_dim=17) if mode == "sketch" else {}
+    single = optax_gaf.gaf(0.8, num_microbatches=16)
+    multi = optax_gaf.gaf(0.8, num_microbatches=16, axis_name=AXIS, mode=mode, **kw)
+    (u1, s1), = _single(single, grads, steps=1, params=params)
+    (u2, s2), = _sharded_run(multi, grads, mesh, True, steps=1, params=params)
+    for a, b in zip(jax.tree.leaves(u2), jax.tree.leaves(u1)):
+      assert a.dtype == jnp.bfloat16
+      np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                 rtol=2e-2, atol=2e-2, err_msg=mode)
+    for field in ("accepted", "finite", "skipped"):
+      assert np.array_equal(getattr(s1, field), getattr(s2, field)), (mode, field)
+
+
 def check_replicated_skip_decision_with_disagreeing_devices():
   """with_gaf state stays in sync: out_specs=P() (checked replication) compiles."""
   mesh = _mesh(8)

@@ -81,11 +81,12 @@ def test_unbound_axis_name_raises_value_error_naming_it():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(axis_name="d", mode="tree"), r"`gaf\(mode=...\)` must be one of"),
     (dict(axis_name="d", mode="sketch"), r"needs `sketch_dim`"),
-    (dict(axis_name="d", mode="sketch", sketch_dim=0), r"sketch_dim=...\)` must be a positive int, got 0"),
+    (dict(axis_name="d", mode="sketch", sketch_dim=0), r"sketch_dim=...\)` must be a static positive int, got 0"),
     (dict(axis_name="d", sketch_dim=64), r"only used with mode='sketch'"),
     (dict(mode="ring"), r"also pass `axis_name`"),
     (dict(local_axis=False), r"also pass `axis_name`"),
     (dict(axis_name="d", local_axis="yes"), r"local_axis=...\)` must be a bool"),
+    (dict(axis_name="d", sketch_seed=1.5), r"sketch_seed=...\)` must be an int, got 1.5"),
 ])
 def test_bad_multidevice_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -130,3 +131,29 @@ def test_local_axis_false_checks_leaf_shapes():
   bad = {"w": jnp.ones((4, 2, 3)), "b": jnp.ones((4, 3))}
   with pytest.raises(ValueError, match=r"local_axis=False.*leaf \['b'\] has shape \(4, 3\)"):
     f(bad, opt.init(params), params)
+
+
+@pytest.mark.parametrize("kwargs, static", [
+    (dict(mode="ring"), ()),
+    (dict(mode="sketch", sketch_dim=16, sketch_seed=3), ("sketch_dim",)),
+])
+def test_inject_hyperparams_with_axis_name(kwargs, static):
+  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+  opt = optax.inject_hyperparams(optax_gaf.gaf, static_args=static)(
+      tau=0.9, axis_name="data", **kwargs)
+  f = jax.jit(jax.shard_map(lambda g, s: opt.update(g, s), mesh=mesh,
+                            in_specs=(P("data"), P()), out_specs=(P(), P())))
+  grads = {"w": jnp.array([[1., 0., 0.], [1., 1., 0.]])}
+  u, s = f(grads, opt.init({"w": jnp.zeros(3)}))
+  np.testing.assert_allclose(u["w"], [1., 0.5, 0.], rtol=1e-6)
+  assert int(s.inner_state.num_accepted) == 2
+
+
+def test_traced_sketch_dim_error_names_static_args():
+  opt = optax.inject_hyperparams(optax_gaf.gaf)(
+      tau=0.9, axis_name="data", mode="sketch", sketch_dim=16)
+  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+  f = jax.shard_map(lambda g, s: opt.update(g, s), mesh=mesh,
+                    in_specs=(P("data"), P()), out_specs=(P(), P()))
+  with pytest.raises(ValueError, match=r"static_args=\('sketch_dim',\)"):
+    f({"w": jnp.ones((2, 3))}, opt.init({"w": jnp.zeros(3)}))

@@ -65,7 +65,8 @@ class CollectiveConfig(NamedTuple):
     axis_name: the mapped axis (a ``shard_map`` mesh axis or ``pmap`` name).
     mode: ``"all_gather"``, ``"ring"`` or ``"sketch"``.
     sketch_dim: sketch size d (sketch mode only).
-    sketch_seed: seed of the shared random signs (sketch mode only).
+    sketch_seed: seed of the shared random signs (sketch mode only); an int
+      or an integer array (``optax.inject_hyperparams`` makes it one).
     local_axis: whether each device's leaves have a leading ``K_local`` axis.
   """
   axis_name: Any
@@ -96,13 +97,19 @@ def make_config(
     if (isinstance(sketch_dim, bool) or not isinstance(sketch_dim, (int, np.integer))
         or sketch_dim < 1):
       raise ValueError(
-          f"`{caller}(sketch_dim=...)` must be a positive int, got {sketch_dim!r}")
+          f"`{caller}(sketch_dim=...)` must be a static positive int, got "
+          f"{sketch_dim!r} (with `optax.inject_hyperparams`, pass "
+          "`static_args=('sketch_dim',)`)")
     if mode != "sketch":
       raise ValueError(
           f"`{caller}(sketch_dim={sketch_dim})` is only used with mode='sketch', "
           f"got mode={mode!r}")
   if mode == "sketch" and sketch_dim is None:
     raise ValueError(f"`{caller}(mode='sketch')` needs `sketch_dim` (e.g. 1024)")
+  if isinstance(sketch_seed, bool) or not (
+      isinstance(sketch_seed, (int, np.integer))
+      or jnp.issubdtype(jnp.result_type(sketch_seed), jnp.integer)):
+    raise ValueError(f"`{caller}(sketch_seed=...)` must be an int, got {sketch_seed!r}")
   if not isinstance(local_axis, bool):
     raise ValueError(f"`{caller}(local_axis=...)` must be a bool, got {local_axis!r}")
   if axis_name is None:
@@ -112,7 +119,7 @@ def make_config(
           "across devices: also pass `axis_name` (the shard_map/pmap axis)")
     return None
   return CollectiveConfig(axis_name, mode, None if sketch_dim is None else int(sketch_dim),
-                          int(sketch_seed), local_axis)
+                          sketch_seed, local_axis)
 
 
 def bound_axis_size(axis_name: Hashable, caller: str = "gaf") -> int:
@@ -232,6 +239,13 @@ def gram_ring(local: base.MicroGrads, axis_name: Any) -> jax.Array:
   return jnp.reshape(g, (num_devices * k_local, num_devices * k_local))
 
 
+def _as_uint32(x: Any) -> jax.Array:
+  """An int or integer array as uint32 (Python ints wrap modulo 2**32)."""
+  if isinstance(x, (int, np.integer)):
+    return jnp.uint32(int(x) % 2**32)
+  return jnp.asarray(x).astype(jnp.uint32)
+
+
 def _fmix32(h: jax.Array) -> jax.Array:
   """MurmurHash3's 32-bit finalizer: a cheap, well-mixed integer hash."""
   h = h ^ (h >> 16)
@@ -263,9 +277,8 @@ def count_sketch(
     ``[K, sketch_dim]`` sketches in float32 (or float64 for float64 grads).
   """
   acc = gram_lib.tree_accumulation_dtype(grads)
-  key = _fmix32(jnp.uint32(seed & 0xFFFFFFFF) * jnp.uint32(0x9E3779B9)
-                + jnp.asarray(step).astype(jnp.uint32) * jnp.uint32(0x632BE5AB)
-                + jnp.uint32(0x7F4A7C15))
+  key = _fmix32(_as_uint32(seed) * jnp.uint32(0x9E3779B9)
+                + _as_uint32(step) * jnp.uint32(0x632BE5AB) + jnp.uint32(0x7F4A7C15))
   total = None
   offset = 0
   for leaf in jax.tree.leaves(grads):
