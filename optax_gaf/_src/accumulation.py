@@ -351,6 +351,10 @@ def gaf_accumulate(
     running = fold_microgradient(
         state.running, grads, state.mini_step, tau_t, combine)
 
+    # The cycle end is selected with jnp.where rather than an outer lax.cond:
+    # a cond copies its gradient-sized outputs (aggregate, inner state) into
+    # fresh buffers (4P temporaries vs P, measured in bench_memory.py). The
+    # inner optimizer itself still only runs under apply_or_skip's cond.
     emit = state.mini_step >= k - 1
     agreement = running_agreement(running)
     updates, inner_state = wrapper.apply_or_skip(
