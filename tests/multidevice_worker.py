@@ -217,6 +217,27 @@ def check_ring_equals_all_gather():
       assert np.all(f_ag) and np.all(f_ring)
 
 
+def check_tuple_axis_names():
+  """axis_name=('host', 'dev') on a 2 x 4 mesh: device-major over both axes."""
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("host", "dev"))
+  grads = _grads(16, seed=9, case="mixed")
+  exact = np.asarray(optax_gaf.gram_matrix(grads))
+  for mode, kw in (("all_gather", {}), ("ring", {}), ("sketch", dict(sketch_dim=17))):
+    f = jax.jit(jax.shard_map(
+        lambda g: optax_gaf.cross_device_gram(g, ("host", "dev"), mode=mode, **kw),
+        mesh=mesh, in_specs=P(("host", "dev")), out_specs=(P(), P())))
+    gram, finite = f(grads)
+    np.testing.assert_allclose(gram, exact, rtol=RTOL, atol=1e-5, err_msg=mode)
+    assert np.all(finite)
+  axes = ("host", "dev")
+  single = optax_gaf.with_gaf(optax.adam(0.1), 0.8, num_microbatches=16)
+  multi = optax_gaf.with_gaf(optax.adam(0.1), 0.8, num_microbatches=16, axis_name=axes)
+  fn = jax.jit(jax.shard_map(multi.update, mesh=mesh, in_specs=(P(axes), P(), P()),
+                             out_specs=(P(), P())))
+  grads = _grads(16, seed=9, case="nan")
+  _compare(_single(single, grads), _sharded_run(multi, grads, mesh, True, fn=fn), "[tuple axes]")
+
+
 def check_ring_moves_half_the_bytes():
   """HLO of the ring: floor(D/2) collective-permutes, no all-gather of grads."""
   mesh = _mesh(8)

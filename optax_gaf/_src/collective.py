@@ -351,7 +351,8 @@ def cross_device_gram(
 
   Args:
     local: this device's microgradients, every leaf ``[K_local, ...]``.
-    axis_name: the mapped axis.
+    axis_name: the mapped axis, or a tuple of mesh axes (e.g.
+      ``("host", "device")``; devices are then ordered row-major over them).
     mode: ``"all_gather"`` (exact), ``"ring"`` (exact, O(P) extra memory,
       about half the bytes) or ``"sketch"`` (estimate from count-sketches).
     sketch_dim: sketch size (sketch mode).

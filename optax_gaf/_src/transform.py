@@ -175,6 +175,7 @@ def gaf(
       its own microgradients; all devices return the same filtered gradient
       (replicated, like ``lax.pmean``), equal to single-device ``gaf`` over
       all ``K = devices x K_local`` microgradients in device-major order.
+      A tuple of mesh axes (e.g. ``("host", "device")``) spans them all.
       The K x K Gram matrix is shared first, then the update is one weighted
       all-reduce. Calling ``update`` outside a trace binding the axis raises
       ValueError naming it.
