@@ -13,6 +13,7 @@ from optax_gaf._src import agreement as agreement_lib
 from tests import reference as ref_lib
 
 COMBINES = ("mean", "pairwise")
+_weights = jax.jit(agreement_lib.agreement_weights, static_argnames="combine")
 
 
 def _micro(seed, k, d, rho, spread=0.0):
@@ -80,8 +81,8 @@ class AgreementWeightsTest(chex.TestCase):
   @given(rho=st.floats(-1.0, 1.0), tau=st.floats(0.0, 2.0), seed=st.integers(0, 2**32 - 1))
   def test_k_two_rules_agree(self, rho, tau, seed):
     gram = _gram(_micro(seed, 2, 4, rho))
-    mean = agreement_lib.agreement_weights(gram, tau, "mean")
-    pair = agreement_lib.agreement_weights(gram, tau, "pairwise")
+    mean = _weights(gram, tau, "mean")
+    pair = _weights(gram, tau, "pairwise")
     chex.assert_trees_all_equal(mean, pair)
 
   def test_nan_first_microgradient_is_never_the_reference(self):
@@ -151,15 +152,15 @@ class AgreementWeightsTest(chex.TestCase):
     assume(ref_lib.decision_margin(ref, tau) > 1e-3)
     c = 10.0**log_scale
     for combine in COMBINES:
-      base = agreement_lib.agreement_weights(_gram(micro), tau, combine)
-      scaled = agreement_lib.agreement_weights(_gram(c * micro), tau, combine)
+      base = _weights(_gram(micro), tau, combine)
+      scaled = _weights(_gram(c * micro), tau, combine)
       np.testing.assert_array_equal(base.accepted, scaled.accepted)
       np.testing.assert_allclose(base.weights, scaled.weights, rtol=1e-4, atol=1e-6)
     # Scaling only the last microgradient cannot change any decision either.
     last = micro.copy()
     last[-1] *= c
     np.testing.assert_array_equal(
-        agreement_lib.agreement_weights(_gram(last), tau, "mean").accepted, ref.accepted)
+        _weights(_gram(last), tau, "mean").accepted, ref.accepted)
 
 
 class CosineAndFoldStepTest(chex.TestCase):

@@ -1,0 +1,85 @@
+"""Gram matrix and microbatch-axis validation (gram.py)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+import optax_gaf
+from optax_gaf._src import gram as gram_lib
+from tests import reference as ref_lib
+
+SHAPES = st.lists(st.lists(st.integers(1, 5), min_size=0, max_size=3).map(tuple),
+                  min_size=1, max_size=4)
+
+
+class GramMatrixTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @given(k=st.integers(2, 16), shapes=SHAPES, seed=st.integers(0, 2**32 - 1))
+  def test_equals_float64_gram_of_concatenated_leaves(self, k, shapes, seed):
+    grads = ref_lib.correlated_micrograds(np.random.default_rng(seed), k, shapes, 0.5, 1.0)
+    gram = self.variant(optax_gaf.gram_matrix)(jax.tree.map(jnp.asarray, grads))
+    flat = ref_lib.flatten_micro(grads)
+    chex.assert_shape(gram, (k, k))
+    self.assertEqual(gram.dtype, jnp.float32)
+    expected = flat @ flat.T
+    norms = np.sqrt(np.diag(expected))
+    np.testing.assert_allclose(gram, expected, rtol=1e-5, atol=1e-6 * np.outer(norms, norms).max())
+    np.testing.assert_array_equal(gram, gram.T)
+
+  def test_bf16_and_fp16_accumulate_in_float32(self):
+    # 4096 ones: a bf16 running sum stalls at 256; float32 is exact.
+    for dtype in (jnp.bfloat16, jnp.float16):
+      grads = {"a": jnp.ones((3, 64, 64), dtype), "b": jnp.ones((3, 4), dtype)}
+      gram = jax.jit(optax_gaf.gram_matrix)(grads)
+      self.assertEqual(gram.dtype, jnp.float32)
+      np.testing.assert_array_equal(gram, np.full((3, 3), 4100.0))
+    self.assertEqual(gram_lib.accumulation_dtype(jnp.bfloat16), jnp.float32)
+
+  def test_float64_gradients_accumulate_in_float64(self):
+    with jax.enable_x64(True):
+      x = np.random.default_rng(0).standard_normal((4, 7))
+      gram = optax_gaf.gram_matrix({"w": jnp.asarray(x, jnp.float64)})
+      self.assertEqual(gram.dtype, jnp.float64)
+      np.testing.assert_allclose(gram, x @ x.T, rtol=1e-13)
+
+  def test_mixed_dtypes_accumulate_in_the_widest(self):
+    grads = {"a": jnp.ones((2, 3), jnp.bfloat16), "b": jnp.full((2, 2), 0.5, jnp.float32)}
+    gram = optax_gaf.gram_matrix(grads)
+    self.assertEqual(gram.dtype, jnp.float32)
+    np.testing.assert_allclose(gram, np.full((2, 2), 3.5))
+
+  def test_cross_products(self):
+    rng = np.random.default_rng(1)
+    a = {"x": rng.standard_normal((3, 2, 2)), "y": rng.standard_normal((3, 5))}
+    b = {"x": rng.standard_normal((4, 2, 2)), "y": rng.standard_normal((4, 5))}
+    c = gram_lib.cross_products(jax.tree.map(jnp.float32, a), jax.tree.map(jnp.float32, b))
+    np.testing.assert_allclose(c, ref_lib.flatten_micro(a) @ ref_lib.flatten_micro(b).T,
+                               rtol=1e-5, atol=1e-5)
+
+
+class NumMicrobatchesTest(chex.TestCase):
+
+  def test_returns_k_and_checks_params(self):
+    grads = {"w": jnp.ones((5, 2, 3)), "b": jnp.ones((5, 3))}
+    self.assertEqual(gram_lib.num_microbatches(grads), 5)
+    params = {"w": jnp.ones((2, 3)), "b": jnp.ones((3,))}
+    self.assertEqual(gram_lib.num_microbatches(grads, params), 5)
+    self.assertEqual(gram_lib.num_microbatches({"w": jnp.ones((1, 3))}, local=True), 1)
+
+  def test_errors_name_the_leaf_and_shapes(self):
+    with self.assertRaisesRegex(ValueError, "GAF needs at least 2 microbatches, got K=1"):
+      gram_lib.num_microbatches({"w": jnp.ones((1, 3))})
+    with self.assertRaisesRegex(ValueError, r"\['w'\] has shape \(3, 2\) but leaf \['z'\] has shape \(2, 2\)"):
+      gram_lib.num_microbatches({"w": jnp.ones((3, 2)), "z": jnp.ones((2, 2))})
+    with self.assertRaisesRegex(ValueError, r"leaf \[1\] is a scalar"):
+      gram_lib.num_microbatches([jnp.ones((3, 2)), jnp.ones(())])
+    with self.assertRaisesRegex(ValueError, r"leaf \['b'\] has shape \(3, 3\) but its parameter "
+                                r"has shape \(3, 3\): expected \(3, 3, 3\)"):
+      gram_lib.num_microbatches({"b": jnp.ones((3, 3)), "w": jnp.ones((3, 2))},
+                                {"b": jnp.ones((3, 3)), "w": jnp.ones((2,))})
+    with self.assertRaisesRegex(ValueError, "empty gradient pytree"):
+      gram_lib.num_microbatches({})

@@ -1,0 +1,325 @@
+"""``gaf`` (transform.py): oracle agreement, edge cases, composition and bad input."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+import optax_gaf
+from tests import reference as ref_lib
+
+COMBINES = ("mean", "pairwise")
+SHAPES = st.lists(st.lists(st.integers(1, 4), min_size=0, max_size=2).map(tuple),
+                  min_size=1, max_size=3)
+
+
+def _grads(seed, k, shapes, rho, spread=0.0, dtype=np.float32):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(jnp.asarray,
+                      ref_lib.correlated_micrograds(rng, k, shapes, rho, spread, dtype))
+
+
+def _params(grads):
+  return jax.tree.map(lambda g: jnp.zeros(g.shape[1:], g.dtype), grads)
+
+
+def _gaf_update(grads, tau, combine="mean", params=None):
+  """One ``gaf`` step from a fresh state; ``tau`` is traced under jit (one compile)."""
+  tx = optax_gaf.gaf(tau, combine=combine)
+  return tx.update(grads, tx.init(params), params)
+
+
+def _assert_matches_reference(test, updates, state, grads, tau, combine, rtol=2e-5):
+  expected, ref = ref_lib.gaf_reference_tree(grads, tau, combine)
+  np.testing.assert_array_equal(state.accepted, ref.accepted)
+  np.testing.assert_array_equal(state.finite, ref.finite)
+  test.assertEqual(bool(state.skipped), ref.skipped)
+  test.assertEqual(int(state.num_accepted), ref.num_accepted)
+  np.testing.assert_allclose(state.distances, ref.distances, atol=2e-4)
+  scale = float(np.max(np.linalg.norm(np.where(
+      ref.finite[:, None], np.nan_to_num(ref_lib.flatten_micro(grads)), 0), axis=1)))
+  jax.tree.map(
+      lambda u, e: np.testing.assert_allclose(
+          np.asarray(u, np.float64), e, rtol=rtol, atol=rtol * scale),
+      updates, expected)
+
+
+_jit_gaf_update = jax.jit(_gaf_update, static_argnames="combine")
+
+
+class GafMatchesReferenceTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @given(
+      k=st.integers(2, 16),
+      shapes=SHAPES,
+      rho=st.floats(-0.5, 1.0),
+      spread=st.floats(0.0, 1.5),
+      tau=st.floats(0.0, 2.0),
+      combine=st.sampled_from(COMBINES),
+      seed=st.integers(0, 2**32 - 1),
+  )
+  def test_pytree_update_matches_float64_reference(
+      self, k, shapes, rho, spread, tau, combine, seed):
+    grads = _grads(seed, k, shapes, rho, spread)
+    _, ref = ref_lib.gaf_reference_tree(grads, tau, combine)
+    assume(ref_lib.decision_margin(ref, tau) > 1e-3)
+    tx = optax_gaf.gaf(tau, combine=combine, num_microbatches=k)
+    params = _params(grads)
+    state = tx.init(params)
+    updates, state = self.variant(tx.update)(grads, state, params)
+    chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
+    _assert_matches_reference(self, updates, state, grads, tau, combine)
+    self.assertEqual(int(state.count), 1)
+    self.assertEqual(int(state.num_skipped), int(ref.skipped))
+    np.testing.assert_allclose(state.tau, tau, rtol=1e-6, atol=1e-30)
+
+
+class GafEdgeCaseTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_tau_two_accepts_everything_and_mean_is_plain_mean(self):
+    grads = _grads(0, 7, [(3, 2), (4,)], rho=-0.3)
+    updates, state = self.variant(_gaf_update)(grads, 2.0)
+    self.assertTrue(np.all(state.accepted))
+    self.assertEqual(int(state.num_accepted), 7)
+    chex.assert_trees_all_close(updates, jax.tree.map(lambda g: jnp.mean(g, 0), grads),
+                                rtol=1e-6, atol=1e-7)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_tau_zero_with_random_gradients_skips_with_zeros(self):
+    grads = _grads(1, 8, [(5,), (2, 3)], rho=0.5)
+    step = self.variant(_gaf_update, static_argnames="combine")
+    for combine in COMBINES:
+      updates, state = step(grads, 0.0, combine)
+      chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, _params(grads)))
+      self.assertTrue(bool(state.skipped))
+      self.assertEqual(int(state.num_skipped), 1)
+      self.assertFalse(np.any(state.accepted))
+
+  @given(rho=st.floats(-1.0, 1.0), tau=st.floats(0.0, 2.0), seed=st.integers(0, 2**32 - 1))
+  def test_k_two_both_rules_agree(self, rho, tau, seed):
+    grads = _grads(seed, 2, [(3,), (2, 2)], rho)
+    mean = _jit_gaf_update(grads, tau, "mean")
+    pair = _jit_gaf_update(grads, tau, "pairwise")
+    chex.assert_trees_all_equal(mean, pair)
+
+  def test_pairwise_weights_later_microgradients_more(self):
+    # Orthogonal unit gradients, tau = 2: pairwise gives (1/4, 1/4, 1/2).
+    grads = {"w": jnp.eye(3)}
+    for combine, expected in (("mean", [1 / 3] * 3), ("pairwise", [0.25, 0.25, 0.5])):
+      updates, _ = _jit_gaf_update(grads, 2.0, combine)
+      np.testing.assert_allclose(updates["w"], expected, rtol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_bf16_gradients_give_bf16_updates_from_float32_gram(self):
+    # D = 6000 bf16 entries: a bf16 accumulation of the norms would be far off.
+    grads = _grads(2, 6, [(3000,), (30, 100)], rho=0.8, dtype=np.float32)
+    grads = jax.tree.map(lambda g: g.astype(jnp.bfloat16), grads)
+    gram = optax_gaf.gram_matrix(grads)
+    self.assertEqual(gram.dtype, jnp.float32)
+    tau = 0.6
+    tx = optax_gaf.gaf(tau, num_microbatches=6)
+    params = _params(grads)
+    updates, state = self.variant(tx.update)(grads, tx.init(params), params)
+    chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
+    self.assertEqual(state.distances.dtype, jnp.float32)
+    # The oracle sees exactly the bf16 values (in float64); only the final
+    # rounding to bf16 separates the two.
+    _, ref = ref_lib.gaf_reference_tree(grads, tau, "mean")
+    assert ref_lib.decision_margin(ref, tau) > 1e-3
+    _assert_matches_reference(self, updates, state, grads, tau, "mean", rtol=1e-2)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_nan_and_inf_microgradients_are_dropped(self):
+    grads = _grads(3, 6, [(4,), (2, 3)], rho=0.9)
+    grads["p0"] = grads["p0"].at[0, 1].set(jnp.nan)   # the first: never the reference
+    grads["p1"] = grads["p1"].at[3, 0, 2].set(-jnp.inf)
+    tau = 0.5
+    tx = optax_gaf.gaf(tau, num_microbatches=6)
+    params = _params(grads)
+    step = self.variant(tx.update)
+    updates, state = step(grads, tx.init(params), params)
+    chex.assert_tree_all_finite(updates)
+    chex.assert_tree_all_finite(state.distances)
+    np.testing.assert_array_equal(state.finite, [False, True, True, False, True, True])
+    self.assertTrue(bool(state.accepted[1]))
+    self.assertEqual(float(state.distances[1]), 0.0)
+    self.assertEqual(int(state.num_dropped), 2)
+    _assert_matches_reference(self, updates, state, grads, tau, "mean")
+    _, state = step(grads, state, params)
+    self.assertEqual(int(state.num_dropped), 4)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_all_or_all_but_one_non_finite_skips(self):
+    grads = {"w": jnp.full((4, 3), jnp.nan).at[2].set(1.0), "b": jnp.ones((4,))}
+    step = self.variant(_gaf_update)
+    updates, state = step(grads, 2.0)
+    chex.assert_trees_all_equal(updates, {"w": jnp.zeros(3), "b": jnp.zeros(())})
+    self.assertTrue(bool(state.skipped))
+    self.assertEqual(int(state.num_dropped), 3)
+    grads = {"w": jnp.full((4, 3), jnp.inf), "b": jnp.full((4,), jnp.nan)}
+    updates, state = step(grads, 2.0)
+    chex.assert_trees_all_equal(updates, {"w": jnp.zeros(3), "b": jnp.zeros(())})
+    self.assertFalse(np.any(state.finite))
+    self.assertTrue(bool(state.skipped))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_zero_gradients_give_no_nan_anywhere(self):
+    grads = {"w": jnp.zeros((5, 3, 2)), "b": jnp.zeros((5, 2))}
+    step = self.variant(_gaf_update, static_argnames="combine")
+    for tau, skipped in ((0.97, True), (1.0, False), (2.0, False)):
+      for combine in COMBINES:
+        updates, state = step(grads, tau, combine)
+        chex.assert_tree_all_finite((updates, state))
+        chex.assert_trees_all_equal(updates, {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)})
+        self.assertEqual(bool(state.skipped), skipped)
+    # A zero microgradient next to nonzero ones: cosine 0, distance 1.
+    grads = _grads(4, 3, [(6,)], rho=0.99)
+    grads["p0"] = grads["p0"].at[1].set(0.0)
+    updates, state = step(grads, 0.5, "mean")
+    chex.assert_tree_all_finite((updates, state))
+    np.testing.assert_allclose(state.distances[1], 1.0)
+    np.testing.assert_array_equal(state.accepted, [True, False, True])
+
+  def test_schedule_tau_follows_the_step_count(self):
+    schedule = optax.piecewise_constant_schedule(2.0, {2: 0.0})  # 2, 2, 0, 0
+    grads = _grads(5, 4, [(8,)], rho=0.2)
+    tx = optax_gaf.gaf(schedule, num_microbatches=4)
+    state = tx.init(None)
+    step = jax.jit(tx.update)
+    seen = []
+    for _ in range(4):
+      _, state = step(grads, state)
+      seen.append((float(state.tau), bool(state.skipped)))
+    self.assertEqual(seen, [(2.0, False), (2.0, False), (0.0, True), (0.0, True)])
+    self.assertEqual(int(state.num_skipped), 2)
+    self.assertEqual(int(state.count), 4)
+    linear = optax.linear_schedule(1.5, 0.5, transition_steps=10)
+    _, state = optax_gaf.gaf(linear).update(grads, state)
+    np.testing.assert_allclose(state.tau, linear(4), rtol=1e-6)
+
+  def test_inject_hyperparams_matches_plain_and_tau_can_be_changed(self):
+    grads = _grads(6, 5, [(4,), (3,)], rho=0.6)
+    params = _params(grads)
+    plain = optax_gaf.gaf(0.9, num_microbatches=5)
+    injected = optax.inject_hyperparams(optax_gaf.gaf)(tau=0.9, num_microbatches=5)
+    u_plain, s_plain = jax.jit(plain.update)(grads, plain.init(params), params)
+    state = injected.init(params)
+    u_inj, state = jax.jit(injected.update)(grads, state, params)
+    chex.assert_trees_all_equal(u_plain, u_inj)
+    chex.assert_trees_all_equal(s_plain, state.inner_state)
+    self.assertFalse(bool(state.inner_state.skipped))
+    state.hyperparams["tau"] = jnp.asarray(0.0)
+    u_inj, state = jax.jit(injected.update)(grads, state, params)
+    self.assertTrue(bool(state.inner_state.skipped))
+    chex.assert_trees_all_equal(u_inj, jax.tree.map(jnp.zeros_like, params))
+
+  def test_state_fields_and_lengths(self):
+    grads = _grads(7, 4, [(3,)], rho=0.9)
+    sized = optax_gaf.gaf(num_microbatches=4).init({"p0": jnp.zeros(3)})
+    self.assertIsInstance(sized, optax_gaf.GafState)
+    chex.assert_shape([sized.distances, sized.accepted, sized.finite], (4,))
+    unsized = optax_gaf.gaf().init({"p0": jnp.zeros(3)})
+    chex.assert_shape([unsized.distances, unsized.accepted, unsized.finite], (0,))
+    _, state = optax_gaf.gaf().update(grads, unsized)
+    chex.assert_shape([state.distances, state.accepted, state.finite], (4,))
+    chex.assert_type([state.count, state.num_accepted, state.num_skipped, state.num_dropped],
+                     jnp.int32)
+
+
+class GafCompositionTest(chex.TestCase):
+
+  @pytest.mark.filterwarnings("ignore")
+  def test_chain_with_momentum_adam_adamw_matches_reference_pipeline(self):
+    k, tau = 4, 0.95
+    params = {"p0": jnp.ones((3, 2)), "p1": jnp.ones((5,))}
+    shapes = [(3, 2), (5,)]
+    for inner in (optax.sgd(0.1, momentum=0.9), optax.adam(1e-2), optax.adamw(1e-2, weight_decay=0.1)):
+      tx = optax.chain(optax_gaf.gaf(tau, num_microbatches=k), inner)
+      state = tx.init(params)
+      inner_state = inner.init(params)
+      p_ref = params
+      step = jax.jit(tx.update)
+      skipped = []
+      for t in range(6):
+        grads = _grads(100 + t, k, shapes, rho=0.8)
+        if t % 3 == 2:  # g_1 against -g_1 three times: nothing agrees
+          grads = jax.tree.map(lambda g: g[:1] * jnp.array([1.0, -1, -1, -1]).reshape(
+              (k,) + (1,) * (g.ndim - 1)), grads)
+        updates, state = step(grads, state, params)
+        filtered, ref = ref_lib.gaf_reference_tree(grads, tau, "mean")
+        assert ref_lib.decision_margin(ref, tau) > 1e-3
+        skipped.append(ref.skipped)
+        filtered = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), filtered)
+        ref_updates, inner_state = inner.update(filtered, inner_state, params)
+        chex.assert_trees_all_close(updates, ref_updates, rtol=1e-5, atol=1e-6)
+        params = optax.apply_updates(params, updates)
+        p_ref = optax.apply_updates(p_ref, ref_updates)
+      self.assertIn(True, skipped)
+      self.assertIn(False, skipped)
+      chex.assert_trees_all_close(params, p_ref, rtol=1e-5, atol=1e-6)
+
+
+class GafBadInputTest(chex.TestCase):
+
+  @pytest.mark.filterwarnings("ignore")
+  def test_tau_out_of_range_or_nan(self):
+    for bad in (-0.1, 2.01, float("nan"), float("inf"), np.float32(3.0)):
+      for factory in (optax_gaf.gaf, functools.partial(optax_gaf.with_gaf, optax.sgd(1.0))):
+        with self.assertRaisesRegex(ValueError, r"`tau` must be in \[0, 2\]") as cm:
+          factory(tau=bad)
+        self.assertIn(str(float(bad)), str(cm.exception))
+    with self.assertRaisesRegex(ValueError, "`tau` must be a real scalar"):
+      optax_gaf.gaf(tau=jnp.array([0.5, 0.6]))
+    with self.assertRaisesRegex((ValueError, TypeError), "`tau`"):
+      optax_gaf.gaf(tau="0.5")
+    for ok in (0, 0.0, 2, 2.0, jnp.float32(1.0)):
+      optax_gaf.gaf(tau=ok)
+
+  def test_bad_combine_lists_the_choices(self):
+    for factory in (optax_gaf.gaf, functools.partial(optax_gaf.with_gaf, optax.sgd(1.0))):
+      with self.assertRaisesRegex(ValueError, r"`combine` must be one of \('mean', 'pairwise'\), got 'sum'"):
+        factory(combine="sum")
+
+  def test_bad_num_microbatches(self):
+    with self.assertRaisesRegex(ValueError, "GAF needs at least 2 microbatches; `num_microbatches` is 1"):
+      optax_gaf.gaf(num_microbatches=1)
+    with self.assertRaisesRegex(ValueError, "`num_microbatches` must be an int >= 2, got 2.5"):
+      optax_gaf.gaf(num_microbatches=2.5)
+    with self.assertRaisesRegex(ValueError, "num_microbatches=4.*size 3"):
+      tx = optax_gaf.gaf(num_microbatches=4)
+      tx.update({"w": jnp.ones((3, 2))}, tx.init(None))
+
+  def test_k_below_two(self):
+    with self.assertRaisesRegex(ValueError, "GAF needs at least 2 microbatches, got K=1"):
+      optax_gaf.gaf().update({"w": jnp.ones((1, 3))}, optax_gaf.gaf().init(None))
+
+  def test_mismatched_leading_sizes_name_both_leaves(self):
+    grads = {"a": jnp.ones((4, 3)), "b": {"c": jnp.ones((5, 3))}}
+    with self.assertRaisesRegex(
+        ValueError, r"leaf \['a'\] has shape \(4, 3\) but leaf \['b'\]\['c'\] has shape \(5, 3\)"):
+      optax_gaf.gaf().update(grads, optax_gaf.gaf().init(None))
+
+  def test_leaf_without_microbatch_axis_given_params_names_the_leaf(self):
+    params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros((3,))}
+    grads = {"w": jnp.ones((4, 4, 3)), "b": jnp.ones((4, 3))}   # ok
+    optax_gaf.gaf().update(grads, optax_gaf.gaf().init(params), params)
+    grads = {"w": jnp.ones((4, 3)), "b": jnp.ones((4, 3))}      # 'w' lacks K
+    for tx in (optax_gaf.gaf(), optax_gaf.with_gaf(optax.sgd(1.0))):
+      with self.assertRaisesRegex(
+          ValueError, r"leaf \['w'\] has shape \(4, 3\) but its parameter has shape \(4, 3\)"):
+        tx.update(grads, tx.init(params), params)
+    with self.assertRaisesRegex(ValueError, r"leaf \['b'\] is a scalar"):
+      optax_gaf.gaf().update({"w": jnp.ones((4, 4, 3)), "b": jnp.ones(())},
+                             optax_gaf.gaf().init(None))
+
+  def test_integer_gradients_are_rejected(self):
+    with self.assertRaisesRegex(ValueError, r"floating-point gradients; leaf \['n'\]"):
+      optax_gaf.gaf().update({"n": jnp.ones((3, 2), jnp.int32)}, optax_gaf.gaf().init(None))
