@@ -187,9 +187,11 @@ def main(argv=None) -> int:
   parser.add_argument("--mb", type=int, default=16, help="examples per microbatch")
   parser.add_argument("--dims", type=int, nargs="+", default=[512, 2048, 2048, 10])
   parser.add_argument("--time-k", type=int, default=8)
-  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--threads", type=int, default=None)
   parser.add_argument("--quick", action="store_true", help="tiny model, no result files")
+  parser.add_argument("--code-version", default="working tree",
+                      help="recorded in the results, e.g. a git commit")
   parser.add_argument("--worker", nargs=2, metavar=("METHOD", "K"), help=argparse.SUPPRESS)
   parser.add_argument("--time-worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -268,7 +270,10 @@ def main(argv=None) -> int:
       "RSS at the reset, i.e. what executing the step added (the allocator may reuse memory "
       "the compiler freed, so it can undercount). No buffer donation.",
   ]
+  import optax_gaf
   info = _common.header({
+      "optax_gaf_source": os.path.dirname(optax_gaf.__file__),
+      "code_version": args.code_version,
       "model": f"MLP {args.dims}, {results[(METHODS[0], k0)]['num_params']:,} float32 params, Adam",
       "microbatch_size": args.mb, "tau": TAU, "ks": args.ks})
   payload_rows = rows
