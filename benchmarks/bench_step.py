@@ -1,0 +1,172 @@
+"""Whole train step: ``with_gaf(sgd)`` vs plain averaging, same jitted step.
+
+Each step computes K microbatch gradients with ``optax_gaf.microbatch_grads``
+(vmap of ``jax.grad`` over K microbatches), then either
+
+* ``mean``: averages them (``tensordot(full(K, 1/K), g, 1)`` per leaf) and
+  applies ``optax.sgd(lr, momentum=0.9)``;
+* ``gaf``: ``optax_gaf.with_gaf(optax.sgd(lr, momentum=0.9), tau)``;
+
+plus, for reference, ``full``: one ``jax.grad`` over the whole batch (no
+microbatch axis) with the same optimizer. Models: an MLP and a small CNN,
+each with more than 1M parameters. Target: gaf/mean <= 1.05.
+
+Usage::
+
+  python benchmarks/bench_step.py --threads 1
+  python benchmarks/bench_step.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+
+def init_mlp(key, sizes):
+  import jax
+  import jax.numpy as jnp
+  params = []
+  for a, b in zip(sizes[:-1], sizes[1:]):
+    key, sub = jax.random.split(key)
+    params.append({"w": jax.random.normal(sub, (a, b)) / jnp.sqrt(a), "b": jnp.zeros((b,))})
+  return params
+
+
+def mlp_apply(params, x):
+  import jax
+  h = x.reshape(x.shape[0], -1)
+  for i, layer in enumerate(params):
+    h = h @ layer["w"] + layer["b"]
+    if i < len(params) - 1:
+      h = jax.nn.relu(h)
+  return h
+
+
+def init_cnn(key, image=32, channels=3, classes=10):
+  """conv3x3(32) -> conv3x3(64, stride 2) -> dense(64) -> dense(classes)."""
+  import jax
+  import jax.numpy as jnp
+  ks = jax.random.split(key, 4)
+  flat = (image // 2) * (image // 2) * 64
+  return {
+      "conv1": {"w": jax.random.normal(ks[0], (3, 3, channels, 32)) / 5.0, "b": jnp.zeros((32,))},
+      "conv2": {"w": jax.random.normal(ks[1], (3, 3, 32, 64)) / 17.0, "b": jnp.zeros((64,))},
+      "dense1": {"w": jax.random.normal(ks[2], (flat, 64)) / jnp.sqrt(flat), "b": jnp.zeros((64,))},
+      "dense2": {"w": jax.random.normal(ks[3], (64, classes)) / 8.0, "b": jnp.zeros((classes,))},
+  }
+
+
+def cnn_apply(params, x):
+  import jax
+  from jax import lax
+  dn = ("NHWC", "HWIO", "NHWC")
+  h = lax.conv_general_dilated(x, params["conv1"]["w"], (1, 1), "SAME", dimension_numbers=dn)
+  h = jax.nn.relu(h + params["conv1"]["b"])
+  h = lax.conv_general_dilated(h, params["conv2"]["w"], (2, 2), "SAME", dimension_numbers=dn)
+  h = jax.nn.relu(h + params["conv2"]["b"])
+  h = h.reshape(h.shape[0], -1)
+  h = jax.nn.relu(h @ params["dense1"]["w"] + params["dense1"]["b"])
+  return h @ params["dense2"]["w"] + params["dense2"]["b"]
+
+
+def make_steps(apply_fn, k, lr=0.01, tau=0.97):
+  import jax
+  import jax.numpy as jnp
+  import optax
+  import optax_gaf
+
+  def loss(params, batch):
+    logits = apply_fn(params, batch["x"])
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]))
+
+  sgd = optax.sgd(lr, momentum=0.9)
+  gaf = optax_gaf.with_gaf(optax.sgd(lr, momentum=0.9), tau, num_microbatches=k)
+  micro = optax_gaf.microbatch_grads(loss, k)
+
+  @jax.jit
+  def mean_step(params, state, batch):
+    grads = micro(params, batch)
+    grads = jax.tree.map(lambda g: jnp.tensordot(jnp.full((k,), 1 / k, g.dtype), g, 1), grads)
+    updates, state = sgd.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  @jax.jit
+  def gaf_step(params, state, batch):
+    updates, state = gaf.update(micro(params, batch), state, params)
+    return optax.apply_updates(params, updates), state
+
+  @jax.jit
+  def full_step(params, state, batch):
+    updates, state = sgd.update(jax.grad(loss)(params, batch), state, params)
+    return optax.apply_updates(params, updates), state
+
+  return {"mean": (mean_step, sgd), "gaf": (gaf_step, gaf), "full": (full_step, sgd)}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--ks", type=int, nargs="+", default=[4, 8])
+  parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
+  parser.add_argument("--microbatch", type=int, default=32, help="examples per microbatch")
+  parser.add_argument("--repeats", type=int, default=15)
+  parser.add_argument("--threads", type=int, default=None)
+  parser.add_argument("--quick", action="store_true", help="small run, no result files")
+  parser.add_argument("--out", default="step")
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.ks, args.repeats, args.microbatch = [4], 3, 8
+  _common.pin_threads(args.threads)
+
+  import jax
+  import jax.numpy as jnp
+
+  models = {
+      "mlp": (lambda key: init_mlp(key, [784, 1024, 1024, 10]), mlp_apply, (28, 28, 1)),
+      "cnn": (lambda key: init_cnn(key), cnn_apply, (32, 32, 3)),
+  }
+  rows = []
+  print(f"{'model':>5} {'params':>8} {'K':>2} {'full ms':>8} {'mean ms':>8} {'gaf ms':>8} "
+        f"{'gaf/mean':>8}")
+  for name in args.models:
+    init, apply_fn, shape = models[name]
+    params = init(jax.random.key(0))
+    n = sum(x.size for x in jax.tree.leaves(params))
+    for k in args.ks:
+      b = k * args.microbatch
+      kx, ky = jax.random.split(jax.random.key(1))
+      batch = {"x": jax.random.normal(kx, (b, *shape)), "y": jax.random.randint(ky, (b,), 0, 10)}
+      fns = {}
+      for label, (step, opt) in make_steps(apply_fn, k).items():
+        box = {"p": params, "s": opt.init(params)}
+
+        def run(step=step, box=box):
+          box["p"], box["s"] = step(box["p"], box["s"], batch)
+          return box["p"]
+        fns[label] = run
+      t = _common.time_interleaved(fns, warmup=2, repeats=args.repeats)
+      ratio = t["gaf"] / t["mean"]
+      print(f"{name:>5} {n:>8d} {k:>2d} {t['full'] * 1e3:>8.2f} {t['mean'] * 1e3:>8.2f} "
+            f"{t['gaf'] * 1e3:>8.2f} {ratio:>8.3f}", flush=True)
+      rows.append([name, n, k, b, t["full"] * 1e3, t["mean"] * 1e3, t["gaf"] * 1e3, ratio])
+
+  if not args.quick:
+    info = _common.header({"threads": args.threads or "all allowed",
+                           "microbatch": args.microbatch, "optimizer": "sgd(0.01, momentum=0.9)",
+                           "tau": 0.97})
+    notes = ["mean: vmap microgradients + tensordot mean + sgd; gaf: vmap microgradients + "
+             "with_gaf(sgd); full: one grad over the whole batch + sgd (reference only). "
+             "Target: gaf/mean <= 1.05.", _common.NOISE_NOTE]
+    md = _common.write_results(
+        args.out, "Train step: with_gaf(sgd) vs plain averaging (jitted)", info,
+        ["model", "params", "K", "batch", "full ms", "mean ms", "gaf ms", "gaf/mean"], rows, notes)
+    print("\n" + md)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
