@@ -178,7 +178,10 @@ def render_markdown(results: dict) -> str:
       f"jax {meta['jax']}, {meta['platform']}; "
       f"tau grid {meta['tau_grid']} (unless the config sets its own) chosen per cell on a held-out 20% split of the noisy TRAIN data "
       f"({meta['tau_seeds']} seeds); SGD lr 0.01, momentum 0.9, Nesterov; wall time "
-      f"{meta.get('seconds', '?')} s.", "",
+      f"{meta.get('seconds', '?')} s.", ""]
+  if meta.get("note"):
+    lines += [meta["note"], ""]
+  lines += [
       "Clean test accuracy in %, mean +- std over seeds. `rand skip`: averaging skipping as many "
       "steps as GAF did, at random steps. `avg@upd`: averaging stopped after GAF's update count. "
       "Differences: GAF minus that method, mean [paired 95% t-interval] of final accuracy.", ""]
