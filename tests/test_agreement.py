@@ -6,7 +6,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from optax_gaf._src import agreement as agreement_lib
@@ -139,6 +139,7 @@ class AgreementWeightsTest(chex.TestCase):
     np.testing.assert_allclose(out.distances[1], 1.0)
     np.testing.assert_array_equal(out.accepted, [True, False, True])
 
+  @settings(max_examples=8)
   @given(
       k=st.integers(2, 16),
       rho=st.floats(-0.5, 1.0),

@@ -28,7 +28,7 @@ class MicrobatchGradsTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_equals_a_loop_of_grads_over_contiguous_microbatches(self):
     params, batch = _setup()
-    for k in (2, 3, 4, 12):
+    for k in (3, 4):
       grads = self.variant(optax_gaf.microbatch_grads(_loss, k))(params, batch)
       chex.assert_tree_shape_prefix(grads, (k,))
       m = 12 // k

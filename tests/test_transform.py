@@ -156,6 +156,13 @@ class GafEdgeCaseTest(chex.TestCase):
     _, state = step(grads, state, params)
     self.assertEqual(int(state.num_dropped), 4)
 
+  def test_squared_norm_overflow_counts_as_non_finite(self):
+    # |g_1|^2 = 1e40 overflows the float32 Gram: g_1 is dropped like a NaN.
+    grads = {"w": jnp.array([[1e20, 1.0], [1.0, 2.0], [1.0, 2.1]], jnp.float32)}
+    updates, state = _jit_gaf_update(grads, 0.5, "mean")
+    np.testing.assert_array_equal(state.finite, [False, True, True])
+    np.testing.assert_allclose(updates["w"], [1.0, 2.05], rtol=1e-6)
+
   @chex.variants(with_jit=True, without_jit=True)
   def test_all_or_all_but_one_non_finite_skips(self):
     grads = {"w": jnp.full((4, 3), jnp.nan).at[2].set(1.0), "b": jnp.ones((4,))}
