@@ -249,13 +249,20 @@ def main(argv=None) -> int:
         f"- `{method}`: temp+output grows {grow:.3f}x from K={k0} to K={k1} (target <= 1.2: "
         f"{'met' if grow <= 1.2 else 'NOT met'}); at most {vs_ms:.3f}x MultiSteps at the same K "
         f"(target <= 1.3: {'met' if vs_ms <= 1.3 else 'NOT met'}).")
+  for method in ("scan", "accumulate"):
+    grow = results[(method, k1)]["peak_rss_bytes"] / results[(method, k0)]["peak_rss_bytes"]
+    vs_ms = max(results[(method, k)]["peak_rss_bytes"]
+                / results[("multisteps", k)]["peak_rss_bytes"] for k in args.ks)
+    checks.append(
+        f"- `{method}` process peak RSS (noisy, see below): grows {grow:.3f}x from K={k0} to "
+        f"K={k1}; at most {vs_ms:.3f}x MultiSteps at the same K.")
   grow_v = (results[("vmapped", k1)]["temp_plus_output_bytes"]
             / results[("vmapped", k0)]["temp_plus_output_bytes"])
   checks.append(f"- `vmapped` for comparison: grows {grow_v:.2f}x from K={k0} to K={k1}.")
   for line in checks:
     print(line)
   notes = [
-      "Targets (issue 4), on XLA's `memory_analysis()` temp + output bytes:\n" + "\n".join(checks),
+      "Targets (issue 4): on XLA's `memory_analysis()` temp + output bytes, and peak RSS:\n" + "\n".join(checks),
       f"Step time at K={timing['K']} (medians of {args.repeats} interleaved calls after 2 "
       f"warm-up calls, same process): vmapped {timing['vmapped_s'] * 1e3:.1f} ms, scan "
       f"{timing['scan_s'] * 1e3:.1f} ms, **scan / vmapped = {timing['scan_over_vmapped']:.2f}**. "
