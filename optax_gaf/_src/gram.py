@@ -110,17 +110,18 @@ def gram_matrix(grads: base.MicroGrads) -> jax.Array:
 
 
 # Columns per partial inner product in :func:`_leaf_gram`: a divisor of the
-# leaf size as close to ``_CHUNK`` as possible within ``_CHUNK_RANGE``. Leaves
-# with fewer than ``_CHUNKED_MIN_COLUMNS`` columns (or no such divisor) use
-# one matrix product.
+# leaf size (a multiple of 16) as close to ``_CHUNK`` as possible within
+# ``_CHUNK_RANGE``. Leaves with fewer than ``_CHUNKED_MIN_COLUMNS`` columns,
+# without such a divisor, or with K < ``_CHUNKED_MIN_K`` use one matrix product.
 _CHUNK = 64
 _CHUNK_RANGE = (16, 256)
 _CHUNKED_MIN_COLUMNS = 1 << 14
+_CHUNKED_MIN_K = 4  # for K < 4 one matrix product per leaf measured faster
 
 
 def _chunk_size(n: int) -> int | None:
-  lo, hi = _CHUNK_RANGE
-  candidates = sorted(range(lo, hi + 1), key=lambda c: (abs(math.log(c / _CHUNK)), -c))
+  lo, hi = _CHUNK_RANGE  # multiples of 16 only: whole vector registers
+  candidates = sorted(range(lo, hi + 1, 16), key=lambda c: (abs(math.log(c / _CHUNK)), -c))
   return next((c for c in candidates if n % c == 0), None)
 
 
@@ -137,7 +138,7 @@ def _leaf_gram(x: jax.Array, acc: jnp.dtype) -> jax.Array:
   slow reduction. Same inner products up to float32 summation order.
   """
   k, n = x.shape
-  c = _chunk_size(n) if n >= _CHUNKED_MIN_COLUMNS else None
+  c = _chunk_size(n) if n >= _CHUNKED_MIN_COLUMNS and k >= _CHUNKED_MIN_K else None
   if c is None:
     return _dot_gram(x, x, acc)
   y = jnp.reshape(x, (k, n // c, c)).astype(acc)
