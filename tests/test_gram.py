@@ -30,6 +30,26 @@ class GramMatrixTest(chex.TestCase):
     np.testing.assert_allclose(gram, expected, rtol=1e-5, atol=1e-6 * np.outer(norms, norms).max())
     np.testing.assert_array_equal(gram, gram.T)
 
+  def test_large_leaves_under_jit_and_vmap_including_a_batch_of_one(self):
+    # Leaves of >= 2**14 entries take the chunked path; jit(vmap(...)) over a
+    # batch of one used to return wrong Gram matrices (an XLA:CPU miscompile).
+    rng = np.random.default_rng(5)
+    for batch in (1, 2):
+      for k in (3, 4, 8):
+        grads = {"big": rng.standard_normal((batch, k, 128, 130)).astype(np.float32),
+                 "small": rng.standard_normal((batch, k, 7)).astype(np.float32)}
+        gram = jax.jit(jax.vmap(optax_gaf.gram_matrix))(jax.tree.map(jnp.asarray, grads))
+        for b in range(batch):
+          flat = ref_lib.flatten_micro(jax.tree.map(lambda g: g[b], grads))
+          expected = flat @ flat.T
+          np.testing.assert_allclose(gram[b], expected, rtol=1e-5, atol=1e-4 * np.abs(expected).max())
+    x = jnp.asarray(rng.standard_normal((4, 1 << 14)), jnp.float32)
+    single = jax.jit(optax_gaf.gram_matrix)({"w": x})
+    np.testing.assert_allclose(jax.jit(jax.vmap(optax_gaf.gram_matrix))({"w": x[None]})[0],
+                               single, rtol=1e-5, atol=1e-3)
+    tangent = jax.jvp(optax_gaf.gram_matrix, ({"w": x},), ({"w": x},))[1]
+    np.testing.assert_allclose(tangent, 2 * single, rtol=1e-5, atol=1e-3)
+
   def test_bf16_and_fp16_accumulate_in_float32(self):
     # 4096 ones: a bf16 running sum stalls at 256; float32 is exact.
     for dtype in (jnp.bfloat16, jnp.float16):

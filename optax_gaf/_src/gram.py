@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import custom_batching
 from jax import lax
 
 from optax_gaf._src import base
@@ -142,8 +143,34 @@ def _leaf_gram(x: jax.Array, acc: jnp.dtype) -> jax.Array:
   if c is None:
     return _dot_gram(x, x, acc)
   y = jnp.reshape(x, (k, n // c, c)).astype(acc)
+  return _chunked_gram(y)
+
+
+def _chunked_gram_impl(y: jax.Array) -> jax.Array:
   partial = jnp.sum(y[:, None] * y[None, :], axis=-1)  # [K, K, n // c]
   return jnp.sum(lax.optimization_barrier(partial), axis=-1)
+
+
+@custom_batching.custom_vmap
+def _chunked_gram(y: jax.Array) -> jax.Array:
+  """The chunked Gram of a ``[K, n // c, c]`` view, safe under ``vmap``.
+
+  XLA:CPU (jaxlib 0.10.2) silently miscompiles this fused multiply-reduce
+  when ``vmap`` adds a batch axis of size one (``jit(vmap(gram_matrix))``
+  over one replica returned wrong Gram matrices for K >= 4); such a batch is
+  computed unbatched instead. Not reverse-differentiable (forward mode works).
+  """
+  return _chunked_gram_impl(y)
+
+
+@_chunked_gram.def_vmap
+def _chunked_gram_vmap(axis_size, in_batched, y):
+  (batched,) = in_batched
+  if not batched:
+    return _chunked_gram(y), False
+  if axis_size == 1:
+    return _chunked_gram(y[0])[None], True
+  return jax.vmap(_chunked_gram_impl)(y), True
 
 
 def _dot_gram(a: jax.Array, b: jax.Array, acc: jnp.dtype) -> jax.Array:
