@@ -214,7 +214,7 @@ def test_flax_nnx_model_matches_with_gaf():
   assert int(o_acc.opt_state.gaf_state.count[...]) == 2
 
 
-def test_bfloat16_gradients_keep_dtypes_and_match_with_gaf():
+def test_bfloat16_gradients_keep_dtypes_and_give_the_mean_at_tau_two():
   k = 3
   rng = np.random.default_rng(1)
   micro = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), _micro(rng, k, 0.9))
@@ -225,11 +225,7 @@ def test_bfloat16_gradients_keep_dtypes_and_match_with_gaf():
                                      jax.tree.map(lambda p: p.astype(jnp.float32), params))
   _, (updates, _, _, _) = _run_accumulate(acc, state, params, micro)
   chex.assert_trees_all_equal_dtypes(jax.tree.map(lambda u: u[0], updates), params)
-  wg = optax_gaf.with_gaf(optax.sgd(-1.0), 2.0, num_microbatches=k)
-  expected, _ = wg.update(micro, wg.init(params), params)
   for name in params:
-    np.testing.assert_allclose(np.asarray(updates[name][-1], np.float32),
-                               np.asarray(expected[name], np.float32), rtol=1e-2, atol=1e-2)
     np.testing.assert_allclose(  # tau = 2: the plain mean
         np.asarray(updates[name][-1], np.float32),
         np.mean(np.asarray(micro[name], np.float32), axis=0), rtol=1e-2, atol=1e-2)

@@ -1,5 +1,7 @@
 """Scan-based GAF (scan.py): equals the vmapped path, skips like with_gaf, bad input."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -38,6 +40,7 @@ def _batch(seed, k, per=4, noisy_labels=True):
   return {"x": jnp.asarray(x), "y": jnp.asarray(y)}
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
 def _vmapped(params, batch, k, tau, combine):
   grads = optax_gaf.microbatch_grads(_loss, k)(params, batch)
   tx = optax_gaf.gaf(tau, combine=combine, num_microbatches=k)
@@ -59,14 +62,13 @@ def _assert_same_as_vmapped(agreement, grads, filtered, state, micro):
 
 
 @pytest.mark.parametrize("combine", ["mean", "pairwise"])
-@pytest.mark.parametrize("k,tau", [(2, 0.97), (6, 0.95)])
+@pytest.mark.parametrize("k,tau", [(6, 0.95)])
 def test_equals_vmapped_microbatch_grads_plus_gaf(combine, k, tau):
   params, batch = _mlp_params(), _batch(k, k)
   fn = jax.jit(optax_gaf.gaf_value_and_grad(_loss, k, tau, combine=combine))
   loss, grads, agreement = fn(params, batch)
   micro, filtered, state = _vmapped(params, batch, k, tau, combine)
-  if k > 2:  # the draw exercises both outcomes
-    assert 1 < int(state.num_accepted) < k
+  assert 1 < int(state.num_accepted) < k  # the draw exercises both outcomes
   _assert_same_as_vmapped(agreement, grads, filtered, state, micro)
   per_mb = jax.vmap(_loss, in_axes=(None, 0))(
       params, jax.tree.map(lambda x: x.reshape(k, -1, *x.shape[1:]), batch))
