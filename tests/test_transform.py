@@ -156,6 +156,22 @@ class GafEdgeCaseTest(chex.TestCase):
     _, state = step(grads, state, params)
     self.assertEqual(int(state.num_dropped), 4)
 
+  def test_large_k_with_and_without_nan_matches_reference(self):
+    # K > 16 takes the matrix-vector weighted sum (with a masked pass for NaN).
+    for combine in COMBINES:
+      grads = _grads(8, 20, [(3, 4), (5,)], rho=0.8, spread=0.5)
+      tau = 0.6
+      updates, state = _jit_gaf_update(grads, tau, combine)
+      _, ref = ref_lib.gaf_reference_tree(grads, tau, combine)
+      assert ref_lib.decision_margin(ref, tau) > 1e-3
+      _assert_matches_reference(self, updates, state, grads, tau, combine)
+      grads["p1"] = grads["p1"].at[0, 1].set(jnp.nan).at[7, 0].set(jnp.inf)
+      updates, state = _jit_gaf_update(grads, tau, combine)
+      _, ref = ref_lib.gaf_reference_tree(grads, tau, combine)
+      assert ref_lib.decision_margin(ref, tau) > 1e-3
+      chex.assert_tree_all_finite(updates)
+      _assert_matches_reference(self, updates, state, grads, tau, combine)
+
   def test_squared_norm_overflow_counts_as_non_finite(self):
     # |g_1|^2 = 1e40 overflows the float32 Gram: g_1 is dropped like a NaN.
     grads = {"w": jnp.array([[1e20, 1.0], [1.0, 2.0], [1.0, 2.1]], jnp.float32)}
