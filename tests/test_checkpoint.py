@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from flax import serialization
 
 import optax_gaf
@@ -46,7 +45,6 @@ def _train(tx, params, state, steps):
 
 class CheckpointTest(chex.TestCase):
 
-  @pytest.mark.filterwarnings("ignore")
   def test_msgpack_round_trip_and_bit_identical_resume(self):
     for name, tx in _make_optimizers().items():
       with self.subTest(name):

@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from jax import lax
 
 import optax_gaf
@@ -59,7 +58,6 @@ class ConformanceTest(chex.TestCase):
         gaf_state = state.gaf_state if isinstance(state, optax_gaf.WithGafState) else state[0]
         self.assertEqual(int(gaf_state.count), 3)
 
-  @pytest.mark.filterwarnings("ignore")
   def test_converges_under_lax_scan(self):
     for name, tx in _optimizers().items():
       with self.subTest(name):

@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -259,7 +258,6 @@ class GafEdgeCaseTest(chex.TestCase):
 
 class GafCompositionTest(chex.TestCase):
 
-  @pytest.mark.filterwarnings("ignore")
   def test_chain_with_momentum_adam_adamw_matches_reference_pipeline(self):
     k, tau = 4, 0.95
     params = {"p0": jnp.ones((3, 2)), "p1": jnp.ones((5,))}
@@ -292,7 +290,6 @@ class GafCompositionTest(chex.TestCase):
 
 class GafBadInputTest(chex.TestCase):
 
-  @pytest.mark.filterwarnings("ignore")
   def test_tau_out_of_range_or_nan(self):
     for bad in (-0.1, 2.01, float("nan"), float("inf"), np.float32(3.0)):
       for factory in (optax_gaf.gaf, functools.partial(optax_gaf.with_gaf, optax.sgd(1.0))):

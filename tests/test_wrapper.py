@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 import optax_gaf
 from optax_gaf._src import wrapper as wrapper_lib
@@ -40,7 +39,6 @@ INNERS = {
 class WithGafTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
-  @pytest.mark.filterwarnings("ignore")
   def test_skip_leaves_inner_state_bit_identical_and_updates_zero(self):
     for name, make in INNERS.items():
       with self.subTest(name):
@@ -59,7 +57,6 @@ class WithGafTest(chex.TestCase):
         chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
         chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
 
-  @pytest.mark.filterwarnings("ignore")
   def test_matches_oracle_pipeline_that_skips_the_inner_step(self):
     tau = 0.9
     for name, make in INNERS.items():
