@@ -170,6 +170,21 @@ def test_tau_schedule_follows_completed_cycles():
     np.testing.assert_allclose(a_state.gaf_state.tau, [2.0, 0.5][cycle])
 
 
+def test_inject_hyperparams_tau():
+  opt = optax.inject_hyperparams(optax_gaf.gaf_accumulate, static_args=("every_k",))(
+      inner=optax.sgd(1.0), every_k=2, tau=0.5)
+  params = {"w": jnp.zeros(2)}
+  state = opt.init(params)
+  update = jax.jit(opt.update)
+  orthogonal = [{"w": jnp.array([1.0, 0.0])}, {"w": jnp.array([0.0, 1.0])}]  # distance 1
+  for tau, skipped in ((0.5, True), (1.5, False)):
+    state.hyperparams["tau"] = jnp.asarray(tau)
+    for g in orthogonal:
+      _, state = update(g, state, params)
+    assert bool(state.inner_state.gaf_state.skipped) == skipped
+    np.testing.assert_allclose(state.inner_state.gaf_state.tau, tau)
+
+
 def test_flax_nnx_model_matches_with_gaf():
   nnx = pytest.importorskip("flax.nnx")
 
