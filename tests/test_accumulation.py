@@ -185,6 +185,26 @@ def test_inject_hyperparams_tau():
     np.testing.assert_allclose(state.inner_state.gaf_state.tau, tau)
 
 
+def test_checkpoint_mid_cycle_resumes_bit_identically():
+  serialization = pytest.importorskip("flax.serialization")
+  opt = optax_gaf.gaf_accumulate(optax.adam(0.1), every_k=3, tau=0.97)
+  params = {"w": jnp.zeros(3), "b": jnp.zeros(())}
+  update = jax.jit(opt.update)
+  rng = np.random.default_rng(0)
+  grads = [jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape) + 1, jnp.float32),
+                        params) for _ in range(5)]
+  state = opt.init(params)
+  for g in grads[:2]:
+    _, state = update(g, state, params)
+  restored = serialization.from_bytes(opt.init(params), serialization.to_bytes(state))
+  for g in grads[2:]:
+    u1, state = update(g, state, params)
+    u2, restored = update(g, restored, params)
+    chex.assert_trees_all_equal(u1, u2)
+  chex.assert_trees_all_equal(state, restored)
+  assert int(state.gaf_state.count) == 1 and int(state.mini_step) == 2
+
+
 def test_flax_nnx_model_matches_with_gaf():
   nnx = pytest.importorskip("flax.nnx")
 
