@@ -171,6 +171,19 @@ class GafEdgeCaseTest(chex.TestCase):
       chex.assert_tree_all_finite(updates)
       _assert_matches_reference(self, updates, state, grads, tau, combine)
 
+  def test_float64_gradients_match_the_reference_tightly(self):
+    with jax.enable_x64(True):
+      for seed, combine in ((0, "mean"), (1, "pairwise")):
+        grads = _grads(seed, 9, [(4, 3), (6,)], rho=0.5, spread=1.0, dtype=np.float64)
+        tau = 0.9
+        updates, state = jax.jit(_gaf_update, static_argnames="combine")(grads, tau, combine)
+        expected, ref = ref_lib.gaf_reference_tree(grads, tau, combine)
+        assert ref_lib.decision_margin(ref, tau) > 1e-3
+        chex.assert_trees_all_equal_dtypes(updates, expected)
+        np.testing.assert_array_equal(state.accepted, ref.accepted)
+        jax.tree.map(lambda u, e: np.testing.assert_allclose(u, e, rtol=1e-12, atol=1e-12),
+                     updates, expected)
+
   def test_squared_norm_overflow_counts_as_non_finite(self):
     # |g_1|^2 = 1e40 overflows the float32 Gram: g_1 is dropped like a NaN.
     grads = {"w": jnp.array([[1e20, 1.0], [1.0, 2.0], [1.0, 2.1]], jnp.float32)}
