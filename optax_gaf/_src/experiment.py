@@ -334,19 +334,6 @@ def train(
   """
   if method not in ("gaf", "averaging"):
     raise ValueError(f"`method` must be 'gaf' or 'averaging', got {method!r}")
-  if order.shape[0] == 1:
-    # Workaround: with jax 0.10.2 on CPU, jit(vmap(gram_matrix)) over a batch
-    # of ONE gives wrong Gram matrices for leaves of >= 2**14 entries (the
-    # chunked multiply-reduce followed by an optimization barrier), so one
-    # replica runs as two identical ones and the copy is dropped.
-    two = lambda a: None if a is None else np.concatenate([np.asarray(a)] * 2)
-    params = jax.tree.map(lambda a: jnp.concatenate([a, a]), params)
-    tau = np.broadcast_to(np.asarray(tau, np.float32), (1,))
-    curves = train(data, two(y_noisy), two(order), graphdef, params, method=method,
-                   optimizer=optimizer, lr=lr, num_microbatches=num_microbatches,
-                   combine=combine, tau=two(tau), mask=two(mask), y_test=two(y_test),
-                   eval_every=eval_every, progress=progress)
-    return Curves(curves.eval_steps, *(a[:1] for a in curves[1:]))
   r, steps = order.shape[:2]
   inner = make_optimizer(optimizer, lr)
   if method == "gaf":
