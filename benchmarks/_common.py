@@ -23,7 +23,7 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 NOISE_NOTE = (
     "Measured on a shared 2-core machine: other processes (other engineers' "
     "tests) may have been running, so absolute times are noisy; ratios are "
-    "measured side by side (interleaved) in one process.")
+    "measured side by side in one process.")
 
 
 def pin_threads(num_threads: int | None) -> None:

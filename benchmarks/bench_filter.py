@@ -110,7 +110,8 @@ def main(argv=None) -> int:
       del grads
 
   if not args.quick:
-    info = _common.header({"threads": args.threads or "all allowed",
+    info = _common.header({"timing": "contenders interleaved call by call",
+                           "threads": args.threads or "all allowed",
                            "combine": args.combine, "dtype": "float32"})
     notes = ["Target: gaf/mean <= 2.5 at K=8, P=1e6 and 1e7 (floor ~2: two passes "
              "over K x P memory vs one).", _common.NOISE_NOTE]

@@ -155,7 +155,8 @@ def main(argv=None) -> int:
       rows.append([name, n, k, b, t["full"] * 1e3, t["mean"] * 1e3, t["gaf"] * 1e3, ratio])
 
   if not args.quick:
-    info = _common.header({"threads": args.threads or "all allowed",
+    info = _common.header({"timing": "contenders interleaved call by call",
+                           "threads": args.threads or "all allowed",
                            "microbatch": args.microbatch, "optimizer": "sgd(0.01, momentum=0.9)",
                            "tau": 0.97})
     notes = ["mean: vmap microgradients + tensordot mean + sgd; gaf: vmap microgradients + "

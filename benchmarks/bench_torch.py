@@ -250,7 +250,9 @@ def main(argv=None) -> int:
         "threads": args.threads, "torch_threads": torch.get_num_threads(),
         "model": "MLP (sizes per row), ReLU, mean cross-entropy",
         "microbatch": args.microbatch, "optimizer": f"SGD lr={args.lr} momentum={momentum}",
-        "tau": args.tau, "combine": "pairwise"})
+        "tau": args.tau, "combine": "pairwise",
+        "timing": "contenders timed one after the other (not interleaved), median of "
+                  f"{args.repeats} steps after 3 warm-up steps"})
     notes = [
         "Steps/second (higher is better); the ratios are time per step of the PyTorch "
         "side over optax_gaf's (> 1: optax_gaf faster). Target: >= 5x faster than "
