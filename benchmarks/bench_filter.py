@@ -31,11 +31,12 @@ def leaf_shapes(num_params: int) -> list[tuple[int, ...]]:
   """Shapes of a CNN + MLP-like pytree (24 leaves) with about ``num_params`` entries.
 
   Eight conv kernels ``(3, 3, c, c)`` and four dense kernels ``(d, d)`` with
-  their biases; ``c`` and ``d`` are chosen so that the convs hold about 40%
-  and the dense kernels about 60% of the parameters.
+  their biases; ``c`` and ``d`` (multiples of 16, as channel counts usually
+  are) are chosen so that the convs hold about 40% and the dense kernels
+  about 60% of the parameters.
   """
-  c = max(1, round((0.4 * num_params / (8 * 9)) ** 0.5))
-  d = max(1, round((0.6 * num_params / 4) ** 0.5))
+  c = max(16, 16 * round((0.4 * num_params / (8 * 9)) ** 0.5 / 16))
+  d = max(16, 16 * round((0.6 * num_params / 4) ** 0.5 / 16))
   shapes: list[tuple[int, ...]] = []
   for _ in range(8):
     shapes += [(3, 3, c, c), (c,)]
