@@ -92,9 +92,12 @@ def _as_matrix(leaf: jax.Array) -> jax.Array:
 def gram_matrix(grads: base.MicroGrads) -> jax.Array:
   """Computes the K x K Gram matrix of microgradients summed over leaves.
 
-  One matrix product per leaf on a reshaped ``[K, n]`` view (no flatten and
+  Leaf by leaf on a reshaped ``[K, n]`` view (no flatten and
   concatenate), accumulated in float32 (or float64 for float64 gradients)
   at full precision, so bf16/fp16 gradients do not lose the inner products.
+  Large leaves (K >= 4) use a chunked multiply-reduce (see ``_leaf_gram``),
+  which supports ``jit``, ``vmap`` and forward-mode differentiation but not
+  reverse mode (``jax.grad`` through the Gram matrix).
 
   Args:
     grads: pytree of arrays with a leading microbatch axis K.

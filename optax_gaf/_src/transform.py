@@ -155,7 +155,7 @@ def gaf(
   ``g_i`` was accepted the step is a skip and the update is all zeros; use
   :func:`with_gaf` to also leave the following optimizer untouched.
 
-  The filter runs on the K x K Gram matrix (one matrix product per leaf,
+  The filter runs on the K x K Gram matrix (computed leaf by leaf,
   accumulated in float32 or wider) and returns ``sum_i w_i g_i`` in the
   gradients' dtype; no gradient is flattened or copied. Microgradients with
   NaN/Inf are dropped (never the reference, never accepted); with fewer than
