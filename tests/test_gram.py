@@ -1,5 +1,7 @@
 """Gram matrix and microbatch-axis validation (gram.py)."""
 
+from unittest import mock
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -30,9 +32,11 @@ class GramMatrixTest(chex.TestCase):
     np.testing.assert_allclose(gram, expected, rtol=1e-5, atol=1e-6 * np.outer(norms, norms).max())
     np.testing.assert_array_equal(gram, gram.T)
 
+  @mock.patch.object(gram_lib, "_CHUNKED_MIN_BYTES", 1 << 16)
   def test_large_leaves_under_jit_and_vmap_including_a_batch_of_one(self):
-    # Leaves of >= 2**14 entries take the chunked path; jit(vmap(...)) over a
-    # batch of one used to return wrong Gram matrices (an XLA:CPU miscompile).
+    # Leaves of >= _CHUNKED_MIN_BYTES (lowered here to keep the test small)
+    # take the chunked path; jit(vmap(...)) over a batch of one used to return
+    # wrong Gram matrices (an XLA:CPU miscompile).
     rng = np.random.default_rng(5)
     for batch in (1, 2):
       for k in (3, 4, 8):
