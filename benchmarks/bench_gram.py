@@ -11,9 +11,13 @@ of ``bench_filter.py``) times, interleaved in one process:
 * ``wsum``: the weighted sum ``sum_i w_i g_i`` with the NaN mask;
 * ``gaf``: the whole jitted ``gaf`` update.
 
+With ``--single-leaves`` it instead times the two Gram strategies on one
+``[K, n]`` leaf over a range of sizes (what sets ``gram._CHUNKED_MIN_BYTES``).
+
 Usage::
 
   python benchmarks/bench_gram.py --threads 1
+  python benchmarks/bench_gram.py --threads 1 --single-leaves
 """
 
 from __future__ import annotations
@@ -34,8 +38,12 @@ def main(argv=None) -> int:
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--threads", type=int, default=None,
                       help="pin to this many cores before importing jax")
+  parser.add_argument("--single-leaves", action="store_true",
+                      help="chunked vs one product on single [K, n] leaves of growing size")
   args = parser.parse_args(argv)
   _common.pin_threads(args.threads)
+  if args.single_leaves:
+    return single_leaves(args)
 
   import jax
   import jax.numpy as jnp
@@ -89,6 +97,38 @@ def main(argv=None) -> int:
   md = _common.write_results(
       "gram", "Filter parts (Gram matrix, weighted sum) vs tensordot mean", info, columns,
       rows, [_common.NOISE_NOTE])
+  print("\n" + md)
+  return 0
+
+
+def single_leaves(args) -> int:
+  """Chunked multiply-reduce vs one ``dot_general`` on single leaves."""
+  import jax
+  import jax.numpy as jnp
+  from optax_gaf._src import gram as gram_lib
+
+  mean = jax.jit(lambda x: jnp.tensordot(jnp.full((x.shape[0],), 1 / x.shape[0], x.dtype), x, 1))
+  chunked = jax.jit(lambda x: gram_lib._chunked_gram_impl(
+      jnp.reshape(x, (x.shape[0], -1, gram_lib._chunk_size(x.shape[1])))))
+  dot = jax.jit(lambda x: gram_lib._dot_gram(x, x, jnp.float32))
+  columns = ["K", "n", "leaf MiB", "mean ms", "chunked/mean", "dot/mean"]
+  rows = []
+  print(" ".join(f"{c:>12}" for c in columns))
+  for k in (4, 8, 16):
+    for n in (1 << 14, 1 << 16, 1 << 18, 1 << 19, 1 << 20, 1 << 22):
+      x = jax.random.normal(jax.random.key(0), (k, n), jnp.float32)
+      t = _common.time_interleaved({"mean": lambda: mean(x), "chunked": lambda: chunked(x),
+                                    "dot": lambda: dot(x)}, warmup=2, repeats=args.repeats)
+      row = [k, n, k * n * 4 / 2**20, t["mean"] * 1e3, t["chunked"] / t["mean"],
+             t["dot"] / t["mean"]]
+      rows.append(row)
+      print(" ".join(f"{v:>12.3g}" if isinstance(v, float) else f"{v:>12}" for v in row),
+            flush=True)
+  info = _common.header({"timing": "contenders interleaved call by call",
+                         "threads": args.threads or "all allowed", "dtype": "float32"})
+  md = _common.write_results(
+      "gram_leaves", "Gram of one [K, n] leaf: chunked multiply-reduce vs one dot_general",
+      info, columns, rows, [_common.NOISE_NOTE])
   print("\n" + md)
   return 0
 
