@@ -53,6 +53,11 @@ class GramMatrixTest(chex.TestCase):
                                single, rtol=1e-5, atol=1e-3)
     tangent = jax.jvp(optax_gaf.gram_matrix, ({"w": x},), ({"w": x},))[1]
     np.testing.assert_allclose(tangent, 2 * single, rtol=1e-5, atol=1e-3)
+    # Reverse mode: d/dx_i sum_jk <x_j, x_k> = 2 sum_j x_j, also under vmap.
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(optax_gaf.gram_matrix({"w": x}))))
+    expected = np.broadcast_to(2 * np.sum(np.asarray(x), axis=0), x.shape)
+    np.testing.assert_allclose(grad(x), expected, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(jax.vmap(grad)(x[None])[0], expected, rtol=1e-5, atol=1e-4)
 
   def test_bf16_and_fp16_accumulate_in_float32(self):
     # 4096 ones: a bf16 running sum stalls at 256; float32 is exact.
