@@ -159,22 +159,26 @@ def fold_microgradient(
       finite=running.finite.at[index].set(finite_i))
 
 
-def running_agreement(running: RunningFilter) -> agreement_lib.Agreement:
-  """The :class:`~optax_gaf._src.agreement.Agreement` of a finished filter."""
-  skipped = running.count < 2
-  accepted = running.accepted & ~skipped
-  return agreement_lib.Agreement(
-      weights=jnp.where(skipped, 0, running.weights).astype(running.weights.dtype),
-      distances=running.distances, accepted=accepted, finite=running.finite,
-      num_accepted=jnp.sum(accepted, dtype=jnp.int32), skipped=skipped)
+def finish_running(
+    running: RunningFilter, like: Any
+) -> tuple[optax.Updates, agreement_lib.Agreement]:
+  """The filtered gradient and the :class:`~optax_gaf.Agreement` of a finished filter.
 
+  Args:
+    running: the filter after all K microgradients were folded.
+    like: gradients (or shapes) giving the output dtypes.
 
-def running_result(running: RunningFilter, like: Any) -> optax.Updates:
-  """The filtered gradient in the dtypes of ``like``; all zeros on a skip."""
-  skipped = running.count < 2
-  return jax.tree.map(
-      lambda g, x: jnp.where(skipped, jnp.zeros([], g.dtype), g).astype(x.dtype),
+  Returns:
+    ``(filtered, agreement)``; ``filtered`` is in the dtypes of ``like`` and
+    all zeros on a skip.
+  """
+  agreement = agreement_lib.conclude(
+      running.count, running.weights, running.distances, running.accepted,
+      running.finite)
+  filtered = jax.tree.map(
+      lambda g, x: jnp.where(agreement.skipped, jnp.zeros([], g.dtype), g).astype(x.dtype),
       running.aggregate, like)
+  return filtered, agreement
 
 
 class GafAccumulateState(NamedTuple):
@@ -356,9 +360,9 @@ def gaf_accumulate(
     # fresh buffers (4P temporaries vs P, measured in bench_memory.py). The
     # inner optimizer itself still only runs under apply_or_skip's cond.
     emit = state.mini_step >= k - 1
-    agreement = running_agreement(running)
+    filtered, agreement = finish_running(running, grads)
     updates, inner_state = wrapper.apply_or_skip(
-        inner, ~emit | agreement.skipped, running_result(running, grads),
+        inner, ~emit | agreement.skipped, filtered,
         state.inner_state, params, **extra_args)
     select = lambda new, old: jax.tree.map(lambda a, b: jnp.where(emit, a, b), new, old)
     return updates, GafAccumulateState(

@@ -132,6 +132,37 @@ class Agreement(NamedTuple):
   skipped: jax.Array
 
 
+def conclude(
+    count: jax.Array,
+    weights: jax.Array,
+    distances: jax.Array,
+    accepted: jax.Array,
+    finite: jax.Array,
+) -> Agreement:
+  """The :class:`Agreement` once every microgradient has been folded.
+
+  Shared by the Gram-matrix path (:func:`agreement_weights`) and the
+  streaming paths: fewer than two folded microgradients make a skip, which
+  zeroes the weights and the acceptance.
+
+  Args:
+    count: microgradients folded into the reference (the reference included).
+    weights: ``[K]`` weights of the reference, ``g = sum_i weights[i] g_i``.
+    distances: ``[K]`` cosine distances at the time of each comparison.
+    accepted: ``[K]`` bool, folded into the reference (reference included).
+    finite: ``[K]`` bool, microgradients without NaN/Inf.
+
+  Returns:
+    An :class:`Agreement`.
+  """
+  skipped = count < 2
+  accepted = accepted & ~skipped
+  return Agreement(
+      weights=jnp.where(skipped, 0, weights).astype(weights.dtype),
+      distances=distances, accepted=accepted, finite=finite,
+      num_accepted=jnp.sum(accepted, dtype=jnp.int32), skipped=skipped)
+
+
 def finite_from_gram(gram: jax.Array) -> jax.Array:
   """Microgradient ``i`` is finite iff ``G[i, i] = |g_i|^2`` is finite."""
   return jnp.isfinite(jnp.diagonal(gram))
@@ -179,9 +210,4 @@ def agreement_weights(
   state = (init_carry(dtype), jnp.zeros([k], dtype), jnp.zeros([k], dtype),
            jnp.zeros([k], bool))
   carry, v, distances, accepted = lax.fori_loop(0, k, body, state)
-  skipped = carry.count < 2
-  weights = jnp.where(skipped, 0, v)
-  accepted = accepted & ~skipped
-  return Agreement(
-      weights=weights, distances=distances, accepted=accepted, finite=finite,
-      num_accepted=jnp.sum(accepted, dtype=jnp.int32), skipped=skipped)
+  return conclude(carry.count, v, distances, accepted, finite)

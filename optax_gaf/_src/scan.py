@@ -127,8 +127,7 @@ def gaf_value_and_grad(
 
     running, values = lax.scan(
         body, accumulation.init_running(shapes, k), (jnp.arange(k), micro))
-    grads = accumulation.running_result(running, shapes)
-    agreement = accumulation.running_agreement(running)
+    grads, agreement = accumulation.finish_running(running, shapes)
     if has_aux:
       losses, aux = values
       return (jnp.mean(losses), aux), grads, agreement
