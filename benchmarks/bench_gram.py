@@ -4,15 +4,16 @@ For the grid points of the filter target (K = 8, P = 1e6 and 1e7, the pytree
 of ``bench_filter.py``) times, interleaved in one process:
 
 * ``mean``: ``jnp.tensordot(jnp.full(K, 1/K), g, 1)`` per leaf (the baseline);
-* ``gram``: ``optax_gaf.gram_matrix`` as shipped (chunked multiply-reduce for
-  large leaves);
+* ``gram``: ``optax_gaf.gram_matrix`` as shipped (on CPU, blocked products
+  for leaves of >= 8 MiB);
 * ``gram_dot``: one ``[K, n] x [n, K]`` ``dot_general`` per leaf (what
-  ``gram_matrix`` did before the chunked path);
+  ``gram_matrix`` does for small leaves and on GPU/TPU);
 * ``wsum``: the weighted sum ``sum_i w_i g_i`` with the NaN mask;
 * ``gaf``: the whole jitted ``gaf`` update.
 
-With ``--single-leaves`` it instead times the two Gram strategies on one
-``[K, n]`` leaf over a range of sizes (what sets ``gram._CHUNKED_MIN_BYTES``).
+With ``--single-leaves`` it instead times three Gram strategies on one
+``[K, n]`` leaf over a range of sizes (what sets ``gram._BLOCKED_MIN_BYTES``):
+one product, the earlier chunked multiply-reduce, and the blocked loop.
 
 Usage::
 
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
   parser.add_argument("--threads", type=int, default=None,
                       help="pin to this many cores before importing jax")
   parser.add_argument("--single-leaves", action="store_true",
-                      help="chunked vs one product on single [K, n] leaves of growing size")
+                      help="one product vs multiply-reduce vs blocked on single [K, n] leaves")
   args = parser.parse_args(argv)
   _common.pin_threads(args.threads)
   if args.single_leaves:
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
           lambda x: jnp.tensordot(jnp.full((x.shape[0],), 1 / x.shape[0], x.dtype), x, 1), g)),
       "gram": jax.jit(gram_lib.gram_matrix),
       "gram_dot": jax.jit(lambda g: sum(
-          gram_lib._dot_gram(as_matrix(x), as_matrix(x), jnp.float32)
+          gram_lib._dot(as_matrix(x), as_matrix(x), jnp.float32)
           for x in jax.tree.leaves(g))),
       "wsum": jax.jit(lambda g, w, f: combine_lib.weighted_sum(w, g, f)),
       "gaf": jax.jit(lambda g, s: gaf.update(g, s)[0]),
@@ -101,34 +102,57 @@ def main(argv=None) -> int:
   return 0
 
 
+def _multiply_reduce_gram(x, c=64):
+  """The previous large-leaf path, kept here for comparison.
+
+  ``[K, n // c, c]`` chunks, one fused multiply-reduce to ``[K, K, n // c]``
+  partial products, then a second sum (an optimization barrier keeps the two
+  sums apart).
+  """
+  import jax.numpy as jnp
+  from jax import lax
+  k, n = x.shape
+  y = jnp.reshape(x, (k, n // c, c))
+  partial = jnp.sum(y[:, None] * y[None, :], axis=-1)
+  return jnp.sum(lax.optimization_barrier(partial), axis=-1)
+
+
 def single_leaves(args) -> int:
-  """Chunked multiply-reduce vs one ``dot_general`` on single leaves."""
+  """One product vs multiply-reduce vs blocked products on single leaves."""
   import jax
   import jax.numpy as jnp
   from optax_gaf._src import gram as gram_lib
 
+  f32 = jnp.dtype(jnp.float32)
   mean = jax.jit(lambda x: jnp.tensordot(jnp.full((x.shape[0],), 1 / x.shape[0], x.dtype), x, 1))
-  chunked = jax.jit(lambda x: gram_lib._chunked_gram_impl(
-      jnp.reshape(x, (x.shape[0], -1, gram_lib._chunk_size(x.shape[1])))))
-  dot = jax.jit(lambda x: gram_lib._dot_gram(x, x, jnp.float32))
-  columns = ["K", "n", "leaf MiB", "mean ms", "chunked/mean", "dot/mean"]
+  fns = {
+      "dot": jax.jit(lambda x: gram_lib._dot(x, x, f32)),
+      "mulreduce": jax.jit(_multiply_reduce_gram),
+      "blocked": jax.jit(lambda x: gram_lib._blocked_products(x, x, f32)),
+  }
+  columns = ["K", "n", "leaf MiB", "mean ms"] + [f"{name}/mean" for name in fns]
   rows = []
   print(" ".join(f"{c:>12}" for c in columns))
-  for k in (4, 8, 16):
+  for k in args.ks if args.ks != [8] else (2, 4, 8, 16):
     for n in (1 << 14, 1 << 16, 1 << 18, 1 << 19, 1 << 20, 1 << 22):
       x = jax.random.normal(jax.random.key(0), (k, n), jnp.float32)
-      t = _common.time_interleaved({"mean": lambda: mean(x), "chunked": lambda: chunked(x),
-                                    "dot": lambda: dot(x)}, warmup=2, repeats=args.repeats)
-      row = [k, n, k * n * 4 / 2**20, t["mean"] * 1e3, t["chunked"] / t["mean"],
-             t["dot"] / t["mean"]]
+      calls = {"mean": lambda: mean(x)}
+      calls.update({name: (lambda f=f: f(x)) for name, f in fns.items()})
+      t = _common.time_interleaved(calls, warmup=2, repeats=args.repeats)
+      row = [k, n, k * n * 4 / 2**20, t["mean"] * 1e3] + [t[name] / t["mean"] for name in fns]
       rows.append(row)
       print(" ".join(f"{v:>12.3g}" if isinstance(v, float) else f"{v:>12}" for v in row),
             flush=True)
   info = _common.header({"timing": "contenders interleaved call by call",
-                         "threads": args.threads or "all allowed", "dtype": "float32"})
+                         "threads": args.threads or "all allowed", "dtype": "float32",
+                         "blocked": f"columns per block = gram.block_columns(2K, n, 4)"})
+  notes = ["dot: one [K, n] x [n, K] dot_general; mulreduce: the earlier chunked "
+           "multiply-reduce (c = 64); blocked: what gram_matrix runs on CPU for leaves of "
+           ">= 8 MiB (a loop of dots over column blocks of about 1 MiB of the leaf).",
+           _common.NOISE_NOTE]
   md = _common.write_results(
-      "gram_leaves", "Gram of one [K, n] leaf: chunked multiply-reduce vs one dot_general",
-      info, columns, rows, [_common.NOISE_NOTE])
+      "gram_leaves", "Gram of one [K, n] leaf: one product vs multiply-reduce vs blocked",
+      info, columns, rows, notes)
   print("\n" + md)
   return 0
 

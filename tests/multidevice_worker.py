@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 import optax_gaf
 from optax_gaf._src import collective
+from optax_gaf._src import gram as gram_lib
 
 RTOL, ATOL = 2e-5, 1e-6
 AXIS = "data"
@@ -215,6 +216,22 @@ def check_ring_equals_all_gather():
       np.testing.assert_allclose(g_ag, exact, rtol=RTOL, atol=1e-5, err_msg=f"all_gather n={n}")
       np.testing.assert_allclose(g_ring, exact, rtol=RTOL, atol=1e-5, err_msg=f"ring n={n}")
       assert np.all(f_ag) and np.all(f_ring)
+
+
+def check_blocked_leaf_products_under_shard_map():
+  """Large leaves (blocked products on CPU) inside shard_map, both modes."""
+  saved = gram_lib._BLOCKED_MIN_BYTES, gram_lib._BLOCK_BYTES
+  gram_lib._BLOCKED_MIN_BYTES, gram_lib._BLOCK_BYTES = 1 << 14, 1 << 12
+  try:
+    grads = {"w": jax.random.normal(jax.random.key(3), (16, 3000)),
+             "b": jax.random.normal(jax.random.key(4), (16, 5))}
+    exact = np.asarray(optax_gaf.gram_matrix(grads))
+    for mode in ("all_gather", "ring"):
+      gram, finite = _gram_under(_mesh(8), grads, mode)
+      np.testing.assert_allclose(gram, exact, rtol=RTOL, atol=1e-4, err_msg=mode)
+      assert np.all(finite)
+  finally:
+    gram_lib._BLOCKED_MIN_BYTES, gram_lib._BLOCK_BYTES = saved
 
 
 def check_tuple_axis_names():

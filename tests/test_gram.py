@@ -32,11 +32,13 @@ class GramMatrixTest(chex.TestCase):
     np.testing.assert_allclose(gram, expected, rtol=1e-5, atol=1e-6 * np.outer(norms, norms).max())
     np.testing.assert_array_equal(gram, gram.T)
 
-  @mock.patch.object(gram_lib, "_CHUNKED_MIN_BYTES", 1 << 16)
+  @mock.patch.object(gram_lib, "_BLOCKED_MIN_BYTES", 1 << 17)
+  @mock.patch.object(gram_lib, "_BLOCK_BYTES", 1 << 14)
   def test_large_leaves_under_jit_and_vmap_including_a_batch_of_one(self):
-    # Leaves of >= _CHUNKED_MIN_BYTES (lowered here to keep the test small)
-    # take the chunked path; jit(vmap(...)) over a batch of one used to return
-    # wrong Gram matrices (an XLA:CPU miscompile).
+    # Leaves of >= _BLOCKED_MIN_BYTES (lowered here to keep the test small)
+    # take the blocked path on CPU: 16 blocks of 1024 columns and a 256-column
+    # remainder. jit(vmap(...)) over a batch of one is checked because an
+    # earlier multiply-reduce path was miscompiled by XLA:CPU there.
     rng = np.random.default_rng(5)
     for batch in (1, 2):
       for k in (3, 4, 8):
@@ -58,6 +60,22 @@ class GramMatrixTest(chex.TestCase):
     expected = np.broadcast_to(2 * np.sum(np.asarray(x), axis=0), x.shape)
     np.testing.assert_allclose(grad(x), expected, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(jax.vmap(grad)(x[None])[0], expected, rtol=1e-5, atol=1e-4)
+
+  @mock.patch.object(gram_lib, "_BLOCKED_MIN_BYTES", 1 << 16)
+  @mock.patch.object(gram_lib, "_BLOCK_BYTES", 1 << 14)
+  def test_blocked_cross_products_and_bf16_blocks(self):
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((3, 5000)).astype(np.float32)
+    b = rng.standard_normal((5, 5000)).astype(np.float32)
+    self.assertEqual(gram_lib.block_columns(8, 5000, 4), 1024)  # 4 blocks + 904 left
+    for fn in (gram_lib.leaf_products, gram_lib._blocked_products):
+      c = jax.jit(fn, static_argnums=2)(jnp.asarray(a), jnp.asarray(b), jnp.dtype(jnp.float32))
+      np.testing.assert_allclose(c, a.astype(np.float64) @ b.T.astype(np.float64),
+                                 rtol=1e-5, atol=1e-4)
+    # bf16 leaves: blocks are multiplied with float32 accumulation.
+    ones = jnp.ones((4, 8192), jnp.bfloat16)
+    np.testing.assert_array_equal(jax.jit(optax_gaf.gram_matrix)({"w": ones}),
+                                  np.full((4, 4), 8192.0))
 
   def test_bf16_and_fp16_accumulate_in_float32(self):
     # 4096 ones: a bf16 running sum stalls at 256; float32 is exact.

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import custom_batching
 from jax import lax
 
 from optax_gaf._src import base
@@ -95,8 +94,9 @@ def gram_matrix(grads: base.MicroGrads) -> jax.Array:
   Leaf by leaf on a reshaped ``[K, n]`` view (no flatten and
   concatenate), accumulated in float32 (or float64 for float64 gradients)
   at full precision, so bf16/fp16 gradients do not lose the inner products.
-  Large leaves (K >= 4) use a chunked multiply-reduce (see ``_leaf_gram``);
-  it supports ``jit``, ``vmap``, and forward and reverse differentiation.
+  On CPU, large leaves are multiplied in column blocks (see
+  :func:`leaf_products`); it supports ``jit``, ``vmap``, and forward and
+  reverse differentiation.
 
   Args:
     grads: pytree of arrays with a leading microbatch axis K.
@@ -104,114 +104,103 @@ def gram_matrix(grads: base.MicroGrads) -> jax.Array:
   Returns:
     ``G`` of shape ``[K, K]`` with ``G[i, j] = sum_leaves <g_i, g_j>``.
   """
-  acc = tree_accumulation_dtype(grads)
-  total = None
-  for leaf in jax.tree.leaves(grads):
-    g = _leaf_gram(_as_matrix(leaf), acc)
-    total = g if total is None else total + g
-  return total
-
-
-# Columns per partial inner product in :func:`_leaf_gram`: a divisor of the
-# leaf size (a multiple of 16) as close to ``_CHUNK`` as possible within
-# ``_CHUNK_RANGE``. Leaves smaller than ``_CHUNKED_MIN_BYTES`` (all K
-# microgradients, in the accumulation dtype), without such a divisor, or with
-# K < ``_CHUNKED_MIN_K`` use one matrix product. Measured on XLA:CPU, one
-# thread, K in {4, 8, 16}: the single product is faster below about 8 MiB
-# (while the leaf fits in cache), the chunked path 1.3-5x faster above 16 MiB.
-_CHUNK = 64
-_CHUNK_RANGE = (16, 256)
-_CHUNKED_MIN_BYTES = 8 << 20
-_CHUNKED_MIN_K = 4  # for K < 4 one matrix product per leaf measured faster
-
-
-def _chunk_size(n: int) -> int | None:
-  lo, hi = _CHUNK_RANGE  # multiples of 16 only: whole vector registers
-  candidates = sorted(range(lo, hi + 1, 16), key=lambda c: (abs(math.log(c / _CHUNK)), -c))
-  return next((c for c in candidates if n % c == 0), None)
-
-
-def _leaf_gram(x: jax.Array, acc: jnp.dtype) -> jax.Array:
-  """``x @ x.T`` for a ``[K, n]`` leaf, accumulated in ``acc``.
-
-  One ``[K, n] x [n, K]`` matrix product is slow on XLA:CPU (a contraction
-  with a tiny ``K x K`` output: measured 10-30x one pass over ``x``). For a
-  large leaf the columns are viewed, without a copy, as ``[K, n // c, c]``
-  chunks (``c`` divides ``n``); the partial inner products
-  ``P[i, j, b] = sum_t x[i, b, t] x[j, b, t]`` come from one fused
-  multiply-reduce, and ``P`` (``K^2 n / c`` numbers) is summed afterwards.
-  The optimization barrier stops XLA from merging the two sums back into one
-  slow reduction. Same inner products up to float32 summation order.
-  """
-  k, n = x.shape
-  big = k * n * jnp.dtype(acc).itemsize >= _CHUNKED_MIN_BYTES
-  c = _chunk_size(n) if big and k >= _CHUNKED_MIN_K else None
-  if c is None:
-    return _dot_gram(x, x, acc)
-  y = jnp.reshape(x, (k, n // c, c)).astype(acc)
-  return _differentiable_chunked_gram(y)
-
-
-def _chunked_gram_impl(y: jax.Array) -> jax.Array:
-  partial = jnp.sum(y[:, None] * y[None, :], axis=-1)  # [K, K, n // c]
-  return jnp.sum(lax.optimization_barrier(partial), axis=-1)
-
-
-@custom_batching.custom_vmap
-def _chunked_gram(y: jax.Array) -> jax.Array:
-  """The chunked Gram of a ``[K, n // c, c]`` view, safe under ``vmap``.
-
-  XLA:CPU (jaxlib 0.10.2) silently miscompiles this fused multiply-reduce
-  when ``vmap`` adds a batch axis of size one (``jit(vmap(gram_matrix))``
-  over one replica returned wrong Gram matrices for K >= 4); such a batch is
-  computed unbatched instead. Differentiated through
-  :func:`_differentiable_chunked_gram`'s JVP rule.
-  """
-  return _chunked_gram_impl(y)
-
-
-@_chunked_gram.def_vmap
-def _chunked_gram_vmap(axis_size, in_batched, y):
-  (batched,) = in_batched
-  if not batched:
-    return _chunked_gram(y), False
-  if axis_size == 1:
-    return _chunked_gram(y[0])[None], True
-  return jax.vmap(_chunked_gram_impl)(y), True
-
-
-@jax.custom_jvp
-def _differentiable_chunked_gram(y: jax.Array) -> jax.Array:
-  """:func:`_chunked_gram` with a JVP rule, so reverse mode works too.
-
-  The tangent ``Y dY^T + dY Y^T`` is a plain contraction (linear in ``dY``,
-  hence transposable); the primal keeps the fast chunked path.
-  """
-  return _chunked_gram(y)
-
-
-@_differentiable_chunked_gram.defjvp
-def _differentiable_chunked_gram_jvp(primals, tangents):
-  (y,), (dy,) = primals, tangents
-  cross = lax.dot_general(
-      y, dy, (((1, 2), (1, 2)), ((), ())),
-      precision=lax.Precision.HIGHEST, preferred_element_type=y.dtype)
-  return _chunked_gram(y), cross + cross.T
-
-
-def _dot_gram(a: jax.Array, b: jax.Array, acc: jnp.dtype) -> jax.Array:
-  return lax.dot_general(
-      a, b, (((1,), (1,)), ((), ())),
-      precision=lax.Precision.HIGHEST, preferred_element_type=acc)
+  return cross_products(grads, grads)
 
 
 def cross_products(grads: base.MicroGrads, other: base.MicroGrads) -> jax.Array:
-  """``C[i, j] = <grads_i, other_j>`` summed over leaves (shapes [Ki, ...], [Kj, ...])."""
+  """Inner products between two stacks of microgradients, summed over leaves.
+
+  Args:
+    grads: pytree of arrays with a leading axis of size ``Ki``.
+    other: pytree of the same structure and leaf sizes, leading axis ``Kj``.
+
+  Returns:
+    ``C`` of shape ``[Ki, Kj]`` with ``C[i, j] = sum_leaves <grads_i, other_j>``,
+    accumulated in the widest accumulation dtype of the two.
+  """
   acc = jnp.promote_types(tree_accumulation_dtype(grads), tree_accumulation_dtype(other))
   total = None
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(other)):
-    c = lax.dot_general(
-        _as_matrix(a), _as_matrix(b), (((1,), (1,)), ((), ())),
-        precision=lax.Precision.HIGHEST, preferred_element_type=acc)
+    c = leaf_products(_as_matrix(a), _as_matrix(b), acc)
     total = c if total is None else total + c
   return total
+
+
+# One ``[Ki, n] x [n, Kj]`` product with a tiny output is slow on XLA:CPU once
+# the operands leave the cache (measured, one thread, K = 8: 7-18x one pass
+# over the leaf at 16-48 MiB, against 3-4x at 2-5 MiB). Leaves of at least
+# ``_BLOCKED_MIN_BYTES`` (both operands counted, in the accumulation dtype;
+# 8 MiB of K microgradients for a Gram matrix) are therefore multiplied in
+# column blocks of about ``_BLOCK_BYTES`` (both operands again), which stay
+# in cache: 3.6-4x a pass at 16-48 MiB (``benchmarks/bench_gram.py
+# --single-leaves``). Other platforms keep one product (a GEMM on GPU/TPU).
+_BLOCKED_MIN_BYTES = 16 << 20
+_BLOCK_BYTES = 2 << 20
+_MIN_BLOCK_COLUMNS = 1024
+
+
+def block_columns(rows: int, n: int, itemsize: int) -> int:
+  """Columns per block: a power of two with about ``_BLOCK_BYTES`` per block."""
+  c = max(_MIN_BLOCK_COLUMNS, _BLOCK_BYTES // (rows * itemsize))
+  return min(1 << (c.bit_length() - 1), n)
+
+
+def leaf_products(a: jax.Array, b: jax.Array, acc: jnp.dtype) -> jax.Array:
+  """``a @ b.T`` for ``[Ki, n]`` and ``[Kj, n]`` leaves, accumulated in ``acc``.
+
+  Args:
+    a: ``[Ki, n]`` array.
+    b: ``[Kj, n]`` array.
+    acc: accumulation (and result) dtype.
+
+  Returns:
+    ``[Ki, Kj]`` inner products. Large leaves on CPU are summed over column
+    blocks (same products up to float summation order).
+  """
+  rows = a.shape[0] + b.shape[0]
+  if rows * a.shape[1] * jnp.dtype(acc).itemsize < _BLOCKED_MIN_BYTES:
+    return _dot(a, b, acc)
+  return _large_products(a, b, jnp.dtype(acc))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _large_products(a: jax.Array, b: jax.Array, acc: jnp.dtype) -> jax.Array:
+  """Blocked products on CPU, one product elsewhere.
+
+  The JVP rule keeps differentiation (forward and reverse) off the loop: the
+  tangent ``da b^T + a db^T`` is two plain contractions.
+  """
+  return lax.platform_dependent(
+      a, b, cpu=functools.partial(_blocked_products, acc=acc),
+      default=functools.partial(_dot, acc=acc))
+
+
+@_large_products.defjvp
+def _large_products_jvp(acc, primals, tangents):
+  (a, b), (da, db) = primals, tangents
+  return _large_products(a, b, acc), _dot(da, b, acc) + _dot(a, db, acc)
+
+
+def _blocked_products(a: jax.Array, b: jax.Array, acc: jnp.dtype) -> jax.Array:
+  """``a @ b.T`` as a loop over column blocks that each fit in cache."""
+  n = a.shape[1]
+  c = block_columns(a.shape[0] + b.shape[0], n, jnp.dtype(acc).itemsize)
+  blocks, rest = divmod(n, c)
+
+  def add_block(i, total):
+    start = i * c
+    return total + _dot(lax.dynamic_slice_in_dim(a, start, c, axis=1),
+                        lax.dynamic_slice_in_dim(b, start, c, axis=1), acc)
+
+  # Start from the first block, not from zeros: the carry then has the
+  # operands' type, including shard_map's varying manual axes.
+  total = lax.fori_loop(1, blocks, add_block, _dot(a[:, :c], b[:, :c], acc))
+  if rest:
+    total = total + _dot(a[:, blocks * c:], b[:, blocks * c:], acc)
+  return total
+
+
+def _dot(a: jax.Array, b: jax.Array, acc: jnp.dtype) -> jax.Array:
+  return lax.dot_general(
+      a, b, (((1,), (1,)), ((), ())),
+      precision=lax.Precision.HIGHEST, preferred_element_type=acc)
