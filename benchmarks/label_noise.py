@@ -13,13 +13,18 @@ rule, noise kind) and each noise level, over ``--seeds`` seeds:
    ``random_skip`` (averaging that skips exactly as many steps as GAF did in
    that seed, at uniformly random steps, optimizer state untouched); and
    ``avg_at_gaf_updates`` (averaging that stops after GAF's update count, i.e.
-   averaging read at the same number of updates).
+   averaging read at the same number of updates); and ``random_subset``
+   (averaging at exactly GAF's update steps, each over a uniformly random
+   subset of as many microgradients as GAF used at that step: the filter's
+   choice replaced by chance, everything else equal).
 3. It reports mean and std of final and best clean test accuracy, GAF's skip
    fraction, and GAF minus each other method with a paired 95% t-interval
    over seeds.
 
 Suites: ``main`` (the issue's grid), ``explore`` (larger K with both fold
-rules, pair-flip noise, MNIST-1D with the 1-D CNN), ``quick`` (a smoke run).
+rules, pair-flip noise, MNIST-1D with the 1-D CNN), ``subset`` (K > 2 cells,
+where the random-subset control differs from random skipping), ``quick`` (a
+smoke run). Result files of runs before ``random_subset`` existed lack it.
 Writes benchmarks/results/label_noise[_explore].{json,md,png}; the JSON is
 rewritten after every configuration, so an interrupted run leaves real,
 partial results. Not part of the test suite. Example::
@@ -44,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 from optax_gaf._src import experiment as ex  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-METHODS = ("averaging", "gaf", "random_skip", "avg_at_gaf_updates")
+METHODS = ("averaging", "gaf", "random_skip", "avg_at_gaf_updates", "random_subset")
 NOISES = (0.0, 0.2, 0.4, 0.6)
 
 
@@ -72,6 +77,10 @@ def suite_configs(suite: str) -> list[dict]:
     out.append(dict(base, dataset="mnist1d", model="cnn", k=2, m=32, epochs=15, noises=(0.4,),
                     seeds=3, tau_grid=(0.85, 0.9, 0.95)))
     return out
+  if suite == "subset":
+    return [dict(base, k=4, m=32, noises=(0.4, 0.6)),
+            dict(base, k=4, m=8, combine="mean", noises=(0.4, 0.6)),
+            dict(base, k=8, m=8, combine="mean", noises=(0.4, 0.6))]
   raise ValueError(f"unknown suite {suite!r}")
 
 
@@ -113,6 +122,9 @@ def run_config(data: ex.Data, c: dict, seeds, grid, tau_seeds) -> dict:
     curves["avg_at_gaf_updates"] = ex.train(data, y_noisy, order, graphdef, params,
                                             method="averaging", mask=ex.truncation_mask(skipped),
                                             **common)
+    subset = ex.random_subset_weights(curves["gaf"].num_used, c["k"], 40_000 + int(100 * noise))
+    curves["random_subset"] = ex.train(data, y_noisy, order, graphdef, params,
+                                       method="averaging", weights=subset, **common)
     rec = {"tau": tau, "tau_scores": tau_scores, "seconds": round(time.time() - t0, 1)}
     for m, cv in curves.items():
       rec[m] = {k: np.asarray(v).tolist() for k, v in ex.summarize(cv).items()}
@@ -121,6 +133,7 @@ def run_config(data: ex.Data, c: dict, seeds, grid, tau_seeds) -> dict:
     out["noise"][f"{noise:g}"] = rec
     print(f"  {config_name(c)} noise={noise:g} tau={tau:g}: "
           + ", ".join(f"{m} {100 * np.mean(rec[m]['final_test_acc']):.1f}" for m in METHODS)
+          + f", GAF uses {np.mean(curves['gaf'].num_used[~skipped]):.2f} of {c['k']}"
           + f", skip {100 * np.mean(rec['gaf']['skip_fraction']):.0f}% ({rec['seconds']} s)",
           flush=True)
   return out
@@ -184,23 +197,31 @@ def render_markdown(results: dict) -> str:
   lines += [
       "Clean test accuracy in %, mean +- std over seeds. `rand skip`: averaging skipping as many "
       "steps as GAF did, at random steps. `avg@upd`: averaging stopped after GAF's update count. "
+      "`rand subset`: averaging at GAF's update steps over a random subset of as many "
+      "microgradients as GAF used (`-` in runs made before this control existed). "
       "Differences: GAF minus that method, mean [paired 95% t-interval] of final accuracy.", ""]
   head = ("| config | noise | seeds | tau | avg final | GAF final | rand skip final | avg@upd final | "
-          "avg best | GAF best | GAF skip % | GAF-avg | GAF-rand skip | GAF-avg@upd |")
+          "rand subset final | avg best | GAF best | GAF skip % | GAF-avg | GAF-rand skip | "
+          "GAF-avg@upd | GAF-rand subset |")
   lines += [head, "|" + "---|" * (head.count("|") - 1)]
   ms = lambda v: f"{100 * np.mean(v):.1f} +- {100 * np.std(v, ddof=1) if len(v) > 1 else 0:.1f}"
   for entry in results["configs"]:
     name = config_name(entry["config"])
     for noise, r in entry["noise"].items():
       diffs = []
-      for other in ("averaging", "random_skip", "avg_at_gaf_updates"):
+      for other in ("averaging", "random_skip", "avg_at_gaf_updates", "random_subset"):
+        if other not in r:
+          diffs.append("-")
+          continue
         mean, lo, hi = paired_ci(r["gaf"]["final_test_acc"], r[other]["final_test_acc"])
         diffs.append(f"{100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
+      subset = ms(r["random_subset"]["final_test_acc"]) if "random_subset" in r else "-"
       lines.append(
           f"| {name} | {noise} | {len(r['gaf']['final_test_acc'])} | {r['tau']:g} | "
           f"{ms(r['averaging']['final_test_acc'])} | "
           f"{ms(r['gaf']['final_test_acc'])} | {ms(r['random_skip']['final_test_acc'])} | "
-          f"{ms(r['avg_at_gaf_updates']['final_test_acc'])} | {ms(r['averaging']['best_test_acc'])} | "
+          f"{ms(r['avg_at_gaf_updates']['final_test_acc'])} | {subset} | "
+          f"{ms(r['averaging']['best_test_acc'])} | "
           f"{ms(r['gaf']['best_test_acc'])} | {100 * np.mean(r['gaf']['skip_fraction']):.0f} | "
           + " | ".join(diffs) + " |")
   return "\n".join(lines) + "\n"
@@ -215,10 +236,11 @@ def plot(results: dict, path: pathlib.Path) -> None:
   fig = Figure(figsize=(4.2 * cols, 3.4 * rows))
   axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
   styles = {"averaging": ("tab:blue", "o", "-"), "gaf": ("tab:red", "s", "-"),
-            "random_skip": ("tab:gray", "^", "--"), "avg_at_gaf_updates": ("tab:green", "v", ":")}
+            "random_skip": ("tab:gray", "^", "--"), "avg_at_gaf_updates": ("tab:green", "v", ":"),
+            "random_subset": ("tab:purple", "D", "-.")}
   for ax, entry in zip(axes, configs):
     noises = [float(k) for k in entry["noise"]]
-    for m in METHODS:
+    for m in (m for m in METHODS if m in next(iter(entry["noise"].values()))):
       vals = [100 * np.array(entry["noise"][k][m]["final_test_acc"]) for k in entry["noise"]]
       color, marker, ls = styles[m]
       ax.errorbar(noises, [v.mean() for v in vals], yerr=[v.std(ddof=1) if v.size > 1 else 0 for v in vals],
@@ -235,7 +257,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--suite", choices=("main", "explore", "quick"), default="main")
+  p.add_argument("--suite", choices=("main", "explore", "subset", "quick"), default="main")
   p.add_argument("--seeds", type=int, default=5)
   p.add_argument("--tau-seeds", type=int, default=3)
   p.add_argument("--tau-grid", default="0.75,0.8,0.85,0.9,0.95,1.0,1.05")
@@ -248,7 +270,7 @@ def main(argv=None) -> int:
   grid = [float(t) for t in args.tau_grid.split(",")]
   seeds = list(range(args.seeds))
   tau_seeds = list(range(args.tau_seeds))
-  suffix = {"main": "", "explore": "_explore", "quick": "_quick"}[args.suite]
+  suffix = {"main": "", "explore": "_explore", "subset": "_subset", "quick": "_quick"}[args.suite]
   prefix = pathlib.Path(args.out) if args.out else RESULTS / f"label_noise{suffix}"
   prefix.parent.mkdir(parents=True, exist_ok=True)
   configs = suite_configs(args.suite)

@@ -173,3 +173,38 @@ def test_reported_cosine_distance_matches_numpy():
   np.testing.assert_allclose(
       curves.distance[0, 0], 1 - cos, atol=1e-4,
       err_msg="gram_matrix under jit(vmap(scan(...))) disagrees with float64 NumPy")
+
+
+def test_random_subset_weights_match_gaf_counts_and_skips():
+  num_used = np.array([[4, 0, 2, 3], [2, 2, 0, 4]])
+  w = ex.random_subset_weights(num_used, k=4, seed=1)
+  assert w.shape == (2, 4, 4) and w.dtype == np.float32
+  np.testing.assert_array_equal((w > 0).sum(-1), num_used)
+  np.testing.assert_allclose(w.sum(-1), (num_used >= 2).astype(np.float32), rtol=1e-6)
+  # Over many steps each microgradient is picked equally often.
+  many = ex.random_subset_weights(np.full((1, 4000), 2), k=4, seed=0)
+  np.testing.assert_allclose((many[0] > 0).mean(0), 0.5, atol=0.03)
+  with pytest.raises(ValueError, match="num_used"):
+    ex.random_subset_weights(np.array([[5]]), k=4, seed=0)
+
+
+def test_weighted_averaging_uniform_equals_mean_and_follows_gaf_steps():
+  k = 4
+  data, y_noisy, order, graphdef, params = _tiny_setup(k=k, m=4)
+  kw = dict(num_microbatches=k, eval_every=4, optimizer="sgd", lr=0.01)
+  avg = ex.train(data, y_noisy, order, graphdef, params, method="averaging", **kw)
+  uniform = np.full((*order.shape[:2], k), 1 / k, np.float32)
+  weighted = ex.train(data, y_noisy, order, graphdef, params, method="averaging",
+                      weights=uniform, **kw)
+  np.testing.assert_allclose(weighted.test_acc, avg.test_acc, atol=1e-6)
+  np.testing.assert_array_equal(avg.num_used, k)
+  gaf = ex.train(data, y_noisy, order, graphdef, params, method="gaf", tau=0.95,
+                 combine="mean", **kw)
+  subset = ex.train(data, y_noisy, order, graphdef, params, method="averaging",
+                    weights=ex.random_subset_weights(gaf.num_used, k, seed=0), **kw)
+  np.testing.assert_array_equal(subset.skipped, gaf.skipped)
+  np.testing.assert_array_equal(subset.num_used, gaf.num_used)
+  assert set(np.unique(gaf.num_used)) <= {0, 2, 3, 4}
+  with pytest.raises(ValueError, match="weights"):
+    ex.train(data, y_noisy, order, graphdef, params, method="averaging",
+             weights=uniform[:, :, :2], **kw)

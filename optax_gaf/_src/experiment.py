@@ -225,6 +225,9 @@ class Curves(NamedTuple):
     train_acc_clean: ``[R, E]`` accuracy on the clean training labels.
     skipped: ``[R, S]`` bool, steps without an update.
     distance: ``[R, S]`` mean cosine distance of the compared microgradients.
+    num_used: ``[R, S]`` int, microgradients in each step's update (GAF's
+      ``num_accepted``; K for averaging, or the number of nonzero weights;
+      0 on a skipped step).
   """
   eval_steps: np.ndarray
   test_acc: np.ndarray
@@ -232,6 +235,7 @@ class Curves(NamedTuple):
   train_acc_clean: np.ndarray
   skipped: np.ndarray
   distance: np.ndarray
+  num_used: np.ndarray
 
 
 def _apply_fn(graphdef: Any) -> Callable:
@@ -241,7 +245,7 @@ def _apply_fn(graphdef: Any) -> Callable:
 
 @functools.lru_cache(maxsize=32)
 def _make_chunk_fn(graphdef: Any, method: str, optimizer: str, lr: float,
-                   k: int, combine: str) -> Callable:
+                   k: int, combine: str, weighted: bool = False) -> Callable:
   """The jitted, replica-vmapped scan over a chunk of steps (cached per setting)."""
   apply_fn = _apply_fn(graphdef)
   inner = make_optimizer(optimizer, lr)
@@ -252,34 +256,42 @@ def _make_chunk_fn(graphdef: Any, method: str, optimizer: str, lr: float,
 
   grad_fn = optax_gaf.microbatch_grads(loss_fn, num_microbatches=k)
 
-  def replica(params, opt_state, x, y, order, mask, tau):
+  def replica(params, opt_state, x, y, order, mask, tau, weights):
     gaf_opt = optax_gaf.with_gaf(inner, tau, combine=combine, num_microbatches=k)
 
     def step(carry, inputs):
       params, opt_state = carry
-      idx, do_update = inputs
+      idx, do_update, w = inputs
       grads = grad_fn(params, {"x": x[idx], "y": y[idx]})  # leaves [K, ...]
       if method == "gaf":
         updates, opt_state = gaf_opt.update(grads, opt_state, params)
         stats = opt_state.gaf_state
         skipped = stats.skipped
+        used = stats.num_accepted
         dist = compared_distance(stats.distances, stats.finite)
       else:
         agree = optax_gaf.agreement_weights(optax_gaf.gram_matrix(grads), 2.0, "mean")
         dist = compared_distance(agree.distances, agree.finite)
-        mean = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
+        if weighted:
+          mean = jax.tree.map(lambda g: jnp.tensordot(w.astype(g.dtype), g, 1), grads)
+          do_update = do_update & jnp.any(w > 0)
+          used = jnp.where(do_update, jnp.sum(w > 0, dtype=jnp.int32), 0)
+        else:
+          mean = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
+          used = jnp.where(do_update, k, 0).astype(jnp.int32)
         new_updates, new_state = inner.update(mean, opt_state, params)
         keep = lambda new, old: jnp.where(do_update, new, old)
         opt_state = jax.tree.map(keep, new_state, opt_state)
         updates = jax.tree.map(lambda u: jnp.where(do_update, u, jnp.zeros_like(u)), new_updates)
         skipped = ~do_update
       params = optax.apply_updates(params, updates)
-      return (params, opt_state), (skipped, dist)
+      return (params, opt_state), (skipped, dist, used)
 
-    (params, opt_state), (skipped, dist) = jax.lax.scan(step, (params, opt_state), (order, mask))
-    return params, opt_state, skipped, dist
+    (params, opt_state), outs = jax.lax.scan(
+        step, (params, opt_state), (order, mask, weights))
+    return (params, opt_state) + outs
 
-  return jax.jit(jax.vmap(replica, in_axes=(0, 0, None, 0, 0, 0, 0)))
+  return jax.jit(jax.vmap(replica, in_axes=(0, 0, None, 0, 0, 0, 0, 0)))
 
 
 @functools.lru_cache(maxsize=32)
@@ -305,6 +317,7 @@ def train(
     combine: str = "pairwise",
     tau: Any = 0.9,
     mask: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
     y_test: np.ndarray | None = None,
     eval_every: int = 20,
     progress: str | None = None,
@@ -324,6 +337,9 @@ def train(
     combine: GAF's fold rule.
     tau: GAF's threshold, a scalar or ``[R]`` (one per replica).
     mask: ``[R, S]`` bool; averaging updates only where True (default all).
+    weights: optional ``[R, S, K]`` weights of the K microgradients for
+      averaging (default the plain mean); a step whose weights are all zero
+      is skipped (see :func:`random_subset_weights`).
     y_test: optional ``[R, M]`` labels of ``data.x_test`` per replica (e.g. a
       noisy held-out split); default ``data.y_test`` for every replica.
     eval_every: evaluate every this many steps (and after the last step).
@@ -335,6 +351,13 @@ def train(
   if method not in ("gaf", "averaging"):
     raise ValueError(f"`method` must be 'gaf' or 'averaging', got {method!r}")
   r, steps = order.shape[:2]
+  if weights is not None:
+    if method != "averaging":
+      raise ValueError("`weights` apply to method='averaging' only")
+    weights = np.asarray(weights, np.float32)
+    if weights.shape != (r, steps, num_microbatches):
+      raise ValueError(f"`weights` must have shape {(r, steps, num_microbatches)} "
+                       f"(replicas, steps, K), got {weights.shape}")
   inner = make_optimizer(optimizer, lr)
   if method == "gaf":
     init = optax_gaf.with_gaf(inner, 1.0, combine=combine, num_microbatches=num_microbatches).init
@@ -343,7 +366,10 @@ def train(
   opt_state = jax.vmap(init)(params)
   mask = np.ones((r, steps), bool) if mask is None else np.asarray(mask, bool)
   tau = np.broadcast_to(np.asarray(tau, np.float32), (r,))
-  chunk_fn = _make_chunk_fn(graphdef, method, optimizer, float(lr), num_microbatches, combine)
+  chunk_fn = _make_chunk_fn(graphdef, method, optimizer, float(lr), num_microbatches, combine,
+                            weights is not None)
+  if weights is None:  # unused by the chunk function; keeps one signature
+    weights = np.zeros((r, steps, 1), np.float32)
   acc_fn = _accuracy_fn(graphdef)
   x_tr, x_te = jnp.asarray(data.x_train), jnp.asarray(data.x_test)
   y_noisy = jnp.asarray(y_noisy)
@@ -351,26 +377,28 @@ def train(
   y_test = jnp.broadcast_to(jnp.asarray(data.y_test if y_test is None else y_test),
                             (r, data.x_test.shape[0]))
   bounds = list(range(0, steps, eval_every)) + [steps]
-  evals, test, noisy, clean, skips, dists = [], [], [], [], [], []
+  evals, test, noisy, clean, skips, dists, used = [], [], [], [], [], [], []
   iterator = zip(bounds[:-1], bounds[1:])
   if progress is not None:
     from tqdm import tqdm
     iterator = tqdm(list(iterator), desc=progress, unit="eval", leave=True)
   for lo, hi in iterator:
-    params, opt_state, sk, di = chunk_fn(
+    params, opt_state, sk, di, nu = chunk_fn(
         params, opt_state, x_tr, y_noisy, jnp.asarray(order[:, lo:hi]),
-        jnp.asarray(mask[:, lo:hi]), jnp.asarray(tau))
+        jnp.asarray(mask[:, lo:hi]), jnp.asarray(tau), jnp.asarray(weights[:, lo:hi]))
     evals.append(hi)
     test.append(acc_fn(params, x_te, y_test))
     noisy.append(acc_fn(params, x_tr, y_noisy))
     clean.append(acc_fn(params, x_tr, y_clean))
     skips.append(sk)
     dists.append(di)
+    used.append(nu)
   stack = lambda xs: np.stack([np.asarray(a) for a in xs], axis=1)
   return Curves(
       eval_steps=np.asarray(evals), test_acc=stack(test), train_acc_noisy=stack(noisy),
       train_acc_clean=stack(clean), skipped=np.concatenate([np.asarray(s) for s in skips], 1),
-      distance=np.concatenate([np.asarray(d) for d in dists], 1))
+      distance=np.concatenate([np.asarray(d) for d in dists], 1),
+      num_used=np.concatenate([np.asarray(u) for u in used], 1))
 
 
 def summarize(curves: Curves) -> dict[str, np.ndarray]:
@@ -401,6 +429,40 @@ def random_skip_mask(skipped: np.ndarray, seed: int) -> np.ndarray:
   for row, s in enumerate(skipped):
     mask[row, rng.choice(s.shape[0], int(s.sum()), replace=False)] = False
   return mask
+
+
+def random_subset_weights(num_used: np.ndarray, k: int, seed: int) -> np.ndarray:
+  """Averaging weights over a random subset of GAF's size, at GAF's steps.
+
+  For each replica and step, picks ``num_used`` of the K microgradients
+  uniformly at random and gives each weight ``1 / num_used``; a step with
+  ``num_used < 2`` (a GAF skip) gets all-zero weights, so it is skipped too.
+  Averaging with these weights updates exactly when GAF did, from as many
+  microgradients, but chosen at random instead of by agreement.
+
+  Args:
+    num_used: ``[R, S]`` microgradients in GAF's update per step
+      (``Curves.num_used`` of a GAF run).
+    k: the number of microgradients K.
+    seed: seed of the random choice.
+
+  Returns:
+    ``[R, S, K]`` float32 weights.
+
+  Examples:
+    >>> import numpy as np
+    >>> w = random_subset_weights(np.array([[3, 0, 2]]), k=4, seed=0)
+    >>> (w > 0).sum(-1).tolist(), np.round(w.sum(-1), 6).tolist()
+    ([[3, 0, 2]], [[1.0, 0.0, 1.0]])
+  """
+  num_used = np.asarray(num_used)
+  if num_used.ndim != 2 or np.any(num_used > k) or np.any(num_used < 0):
+    raise ValueError(f"`num_used` must be [R, S] counts in 0..{k}, got shape "
+                     f"{num_used.shape} and range {num_used.min()}..{num_used.max()}")
+  rng = np.random.default_rng(seed)
+  ranks = np.argsort(rng.random((*num_used.shape, k)), axis=-1).argsort(axis=-1)
+  chosen = (ranks < num_used[..., None]) & (num_used[..., None] >= 2)
+  return (chosen / np.maximum(num_used, 1)[..., None]).astype(np.float32)
 
 
 def truncation_mask(skipped: np.ndarray) -> np.ndarray:
