@@ -15,6 +15,12 @@ With ``--single-leaves`` it instead times three Gram strategies on one
 ``[K, n]`` leaf over a range of sizes (what sets ``gram._BLOCKED_MIN_BYTES``):
 one product, the earlier chunked multiply-reduce, and the blocked loop.
 
+With ``--alternatives`` it times other formulations that were tried on single
+K = 8 leaves (the symmetric half via row blocks, a gather of the upper
+triangle, a batched product over column chunks, blocked row halves) and
+NumPy's ``x @ x.T`` (its BLAS) against NumPy's own mean, and reports the
+arithmetic rate of the shipped path (K^2 n multiply-adds per leaf).
+
 Usage::
 
   python benchmarks/bench_gram.py --threads 1
@@ -41,10 +47,14 @@ def main(argv=None) -> int:
                       help="pin to this many cores before importing jax")
   parser.add_argument("--single-leaves", action="store_true",
                       help="one product vs multiply-reduce vs blocked on single [K, n] leaves")
+  parser.add_argument("--alternatives", action="store_true",
+                      help="other Gram formulations (and NumPy's BLAS) on single K = 8 leaves")
   args = parser.parse_args(argv)
   _common.pin_threads(args.threads)
   if args.single_leaves:
     return single_leaves(args)
+  if args.alternatives:
+    return alternatives(args)
 
   import jax
   import jax.numpy as jnp
@@ -152,6 +162,102 @@ def single_leaves(args) -> int:
            _common.NOISE_NOTE]
   md = _common.write_results(
       "gram_leaves", "Gram of one [K, n] leaf: one product vs multiply-reduce vs blocked",
+      info, columns, rows, notes)
+  print("\n" + md)
+  return 0
+
+
+def _alternative_grams():
+  """Gram formulations that were tried and not shipped, keyed by name."""
+  import jax.numpy as jnp
+  import numpy as np
+  from jax import lax
+  from optax_gaf._src import gram as gram_lib
+  f32 = jnp.dtype(jnp.float32)
+  dot = lambda a, b: gram_lib._dot(a, b, f32)
+
+  def row_halves(x):  # 3 of the 4 (K/2 x K/2) blocks: 3/4 of the multiply-adds
+    h = x.shape[0] // 2
+    top, bottom = x[:h], x[h:]
+    tb = dot(top, bottom)
+    return jnp.block([[dot(top, top), tb], [tb.T, dot(bottom, bottom)]])
+
+  def upper_gather(x, c=256):  # K(K+1)/2 pairs via a static gather, multiply-reduce
+    k, n = x.shape
+    i, j = np.triu_indices(k)
+    y = jnp.reshape(x, (k, n // c, c))
+    s = jnp.sum(jnp.sum(y[i] * y[j], axis=-1), axis=-1)
+    g = jnp.zeros((k, k), f32).at[i, j].set(s)
+    return g + jnp.triu(g, 1).T
+
+  def batched_chunks(x, c=4096):  # [K, m, c] with m as a batch dimension
+    k, n = x.shape
+    y = jnp.reshape(x, (k, n // c, c))
+    return jnp.sum(lax.dot_general(y, y, (((2,), (2,)), ((1,), (1,))),
+                                   precision=lax.Precision.HIGHEST), axis=0)
+
+  def blocked_row_halves(x, c=32768):  # row halves inside each column block
+    k, n = x.shape
+    h = k // 2
+
+    def body(b, acc):
+      top = lax.dynamic_slice(x, (0, b * c), (h, c))
+      bottom = lax.dynamic_slice(x, (h, b * c), (k - h, c))
+      return acc[0] + dot(top, top), acc[1] + dot(top, bottom), acc[2] + dot(bottom, bottom)
+
+    z = lambda a, b: jnp.zeros((a, b), f32)
+    tt, tb, bb = lax.fori_loop(0, n // c, body, (z(h, h), z(h, k - h), z(k - h, k - h)))
+    return jnp.block([[tt, tb], [tb.T, bb]])
+
+  return {"row_halves": row_halves, "upper_gather": upper_gather,
+          "batched_chunks": batched_chunks, "blocked_row_halves": blocked_row_halves}
+
+
+def alternatives(args) -> int:
+  """Formulations that were tried, and NumPy's BLAS, on single K = 8 leaves."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from optax_gaf._src import gram as gram_lib
+
+  k = 8
+  f32 = jnp.dtype(jnp.float32)
+  mean = jax.jit(lambda x: jnp.tensordot(jnp.full((k,), 1 / k, x.dtype), x, 1))
+  fns = {"shipped": jax.jit(lambda x: gram_lib.leaf_products(x, x, f32))}
+  fns.update({name: jax.jit(f) for name, f in _alternative_grams().items()})
+  columns = (["n", "leaf MiB", "mean ms"] + [f"{name}/mean" for name in fns]
+             + ["numpy x@x.T / numpy mean", "shipped GFMA/s"])
+  rows = []
+  print(" ".join(f"{c:>14}" for c in columns))
+  for n in (1 << 16, 1 << 18, 1 << 20):
+    x = jax.random.normal(jax.random.key(0), (k, n), jnp.float32)
+    exact = np.asarray(x, np.float64) @ np.asarray(x, np.float64).T
+    for name, f in fns.items():  # every formulation computes the same matrix
+      np.testing.assert_allclose(f(x), exact, rtol=1e-4, atol=1e-3 * np.abs(exact).max(),
+                                 err_msg=name)
+    calls = {"mean": lambda: mean(x)}
+    calls.update({name: (lambda f=f: f(x)) for name, f in fns.items()})
+    t = _common.time_interleaved(calls, warmup=2, repeats=args.repeats)
+    xn, wn = np.asarray(x), np.full((k,), 1 / k, np.float32)
+    tn = _common.time_interleaved({"mean": lambda: wn @ xn, "gram": lambda: xn @ xn.T},
+                                  warmup=2, repeats=args.repeats, block=lambda r: r)
+    row = ([n, k * n * 4 / 2**20, t["mean"] * 1e3] + [t[name] / t["mean"] for name in fns]
+           + [tn["gram"] / tn["mean"], k * k * n / t["shipped"] / 1e9])
+    rows.append(row)
+    print(" ".join(f"{v:>14.3g}" if isinstance(v, float) else f"{v:>14}" for v in row),
+          flush=True)
+  info = _common.header({"timing": "contenders interleaved call by call",
+                         "threads": args.threads or "all allowed", "dtype": "float32",
+                         "numpy": np.__version__})
+  notes = ["shipped: gram.leaf_products (one product below 8 MiB, blocked above). "
+           "row_halves: the three distinct (K/2)-row blocks (3/4 of the multiply-adds; XLA:CPU "
+           "copies the row slices). upper_gather: the K(K+1)/2 pairs through a static gather "
+           "and one multiply-reduce. batched_chunks: [K, n/c, c] with the chunk index as a "
+           "dot batch dimension. blocked_row_halves: row halves inside each column block. "
+           "numpy: NumPy's x @ x.T (its BLAS) over NumPy's w @ x.",
+           _common.NOISE_NOTE]
+  md = _common.write_results(
+      "gram_alternatives", "Gram of one [8, n] leaf: formulations tried, each / tensordot mean",
       info, columns, rows, notes)
   print("\n" + md)
   return 0
