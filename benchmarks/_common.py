@@ -89,6 +89,24 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int = 2,
   return {name: statistics.median(t) for name, t in times.items()}
 
 
+def page_faults_per_call(fn: Callable[[], Any], calls: int = 5, block=None) -> float:
+  """Minor page faults of this process per call of ``fn()`` (after one warm call).
+
+  Each fault maps a fresh (zeroed) page: on Linux glibc, buffers larger than
+  its mmap threshold (at most 32 MiB by default) are mapped afresh on every
+  allocation, so an XLA temporary of that size faults on every step.
+  """
+  import resource
+  if block is None:
+    import jax
+    block = jax.block_until_ready
+  block(fn())
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  for _ in range(calls):
+    block(fn())
+  return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
 def header(extra: dict[str, Any] | None = None) -> dict[str, Any]:
   """Machine, versions, date and the exact command line."""
   info: dict[str, Any] = {
@@ -100,6 +118,7 @@ def header(extra: dict[str, Any] | None = None) -> dict[str, Any]:
       "cores_allowed": len(os.sched_getaffinity(0)),
       "cores_total": os.cpu_count(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "(unset: default malloc)"),
   }
   for mod in ("jax", "jaxlib", "optax", "numpy", "torch", "gradient_agreement_filtering"):
     if mod in sys.modules:

@@ -8,6 +8,8 @@ of ``bench_filter.py``) times, interleaved in one process:
   for leaves of >= 8 MiB);
 * ``gram_dot``: one ``[K, n] x [n, K]`` ``dot_general`` per leaf (what
   ``gram_matrix`` does for small leaves and on GPU/TPU);
+* ``gram_mulreduce``: the earlier path, a fused multiply-reduce over 64-column
+  chunks for leaves of >= 8 MiB, one product for the others;
 * ``wsum``: the weighted sum ``sum_i w_i g_i`` with the NaN mask;
 * ``gaf``: the whole jitted ``gaf`` update.
 
@@ -74,6 +76,10 @@ def main(argv=None) -> int:
       "gram_dot": jax.jit(lambda g: sum(
           gram_lib._dot(as_matrix(x), as_matrix(x), jnp.float32)
           for x in jax.tree.leaves(g))),
+      "gram_mulreduce": jax.jit(lambda g: sum(
+          _multiply_reduce_gram(as_matrix(x)) if x.size * 4 >= 8 << 20 and x.size % (64 * x.shape[0]) == 0
+          else gram_lib._dot(as_matrix(x), as_matrix(x), jnp.float32)
+          for x in jax.tree.leaves(g))),
       "wsum": jax.jit(lambda g, w, f: combine_lib.weighted_sum(w, g, f)),
       "gaf": jax.jit(lambda g, s: gaf.update(g, s)[0]),
   }
@@ -93,6 +99,7 @@ def main(argv=None) -> int:
           "mean": lambda: fns["mean"](grads),
           "gram": lambda: fns["gram"](grads),
           "gram_dot": lambda: fns["gram_dot"](grads),
+          "gram_mulreduce": lambda: fns["gram_mulreduce"](grads),
           "wsum": lambda: fns["wsum"](grads, w, finite),
           "gaf": lambda: fns["gaf"](grads, state),
       }

@@ -131,7 +131,7 @@ def main(argv=None) -> int:
   }
   rows = []
   print(f"{'model':>5} {'params':>8} {'K':>2} {'full ms':>8} {'mean ms':>8} {'gaf ms':>8} "
-        f"{'gaf/mean':>8}")
+        f"{'gaf/mean':>8} {'mean MiB':>8} {'gaf MiB':>8}")
   for name in args.models:
     init, apply_fn, shape = models[name]
     params = init(jax.random.key(0))
@@ -150,9 +150,13 @@ def main(argv=None) -> int:
         fns[label] = run
       t = _common.time_interleaved(fns, warmup=2, repeats=args.repeats)
       ratio = t["gaf"] / t["mean"]
+      faults = {label: _common.page_faults_per_call(fns[label]) * 4096 / 2**20
+                for label in ("mean", "gaf")}
       print(f"{name:>5} {n:>8d} {k:>2d} {t['full'] * 1e3:>8.2f} {t['mean'] * 1e3:>8.2f} "
-            f"{t['gaf'] * 1e3:>8.2f} {ratio:>8.3f}", flush=True)
-      rows.append([name, n, k, b, t["full"] * 1e3, t["mean"] * 1e3, t["gaf"] * 1e3, ratio])
+            f"{t['gaf'] * 1e3:>8.2f} {ratio:>8.3f} {faults['mean']:>8.1f} {faults['gaf']:>8.1f}",
+            flush=True)
+      rows.append([name, n, k, b, t["full"] * 1e3, t["mean"] * 1e3, t["gaf"] * 1e3, ratio,
+                   faults["mean"], faults["gaf"]])
 
   if not args.quick:
     info = _common.header({"timing": "contenders interleaved call by call",
@@ -161,10 +165,15 @@ def main(argv=None) -> int:
                            "tau": 0.97})
     notes = ["mean: vmap microgradients + tensordot mean + sgd; gaf: vmap microgradients + "
              "with_gaf(sgd); full: one grad over the whole batch + sgd (reference only). "
-             "Target: gaf/mean <= 1.05.", _common.NOISE_NOTE]
+             "Target: gaf/mean <= 1.05. mean/gaf faulted MiB: memory freshly mapped (minor "
+             "page faults x 4 KiB) per step; glibc maps buffers above its mmap threshold "
+             "(32 MiB at most by default) afresh on every allocation; run with "
+             "GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:"
+             "glibc.malloc.trim_threshold=4294967296 to keep them.", _common.NOISE_NOTE]
     md = _common.write_results(
         args.out, "Train step: with_gaf(sgd) vs plain averaging (jitted)", info,
-        ["model", "params", "K", "batch", "full ms", "mean ms", "gaf ms", "gaf/mean"], rows, notes)
+        ["model", "params", "K", "batch", "full ms", "mean ms", "gaf ms", "gaf/mean",
+         "mean faulted MiB", "gaf faulted MiB"], rows, notes)
     print("\n" + md)
   return 0
 
