@@ -4,8 +4,10 @@ For the grid points of the filter target (K = 8, P = 1e6 and 1e7, the pytree
 of ``bench_filter.py``) times, interleaved in one process:
 
 * ``mean``: ``jnp.tensordot(jnp.full(K, 1/K), g, 1)`` per leaf (the baseline);
-* ``gram``: ``optax_gaf.gram_matrix`` as shipped (on CPU, blocked products
-  for leaves of >= 8 MiB);
+* ``gram``: ``optax_gaf.gram_matrix`` as shipped (on CPU, the native kernel
+  of ``native_gram.py`` when it can be built);
+* ``gram_xla``: what ``gram_matrix`` falls back to without the native kernel
+  (one product per leaf, blocked products for leaves of >= 8 MiB);
 * ``gram_dot``: one ``[K, n] x [n, K]`` ``dot_general`` per leaf (what
   ``gram_matrix`` does for small leaves and on GPU/TPU);
 * ``gram_mulreduce``: the earlier path, a fused multiply-reduce over 64-column
@@ -15,13 +17,15 @@ of ``bench_filter.py``) times, interleaved in one process:
 
 With ``--single-leaves`` it instead times three Gram strategies on one
 ``[K, n]`` leaf over a range of sizes (what sets ``gram._BLOCKED_MIN_BYTES``):
-one product, the earlier chunked multiply-reduce, and the blocked loop.
+one product, the earlier chunked multiply-reduce, the blocked loop (the XLA
+fallback) and the native kernel.
 
-With ``--alternatives`` it times other formulations that were tried on single
-K = 8 leaves (the symmetric half via row blocks, a gather of the upper
+With ``--alternatives`` it times other XLA formulations that were tried on
+single K = 8 leaves (the symmetric half via row blocks, a gather of the upper
 triangle, a batched product over column chunks, blocked row halves) and
 NumPy's ``x @ x.T`` (its BLAS) against NumPy's own mean, and reports the
-arithmetic rate of the shipped path (K^2 n multiply-adds per leaf).
+arithmetic rate of the XLA fallback and of the native kernel (K(K+1)/2 n
+multiply-adds per leaf).
 
 Usage::
 
@@ -73,6 +77,9 @@ def main(argv=None) -> int:
       "mean": jax.jit(lambda g: jax.tree.map(
           lambda x: jnp.tensordot(jnp.full((x.shape[0],), 1 / x.shape[0], x.dtype), x, 1), g)),
       "gram": jax.jit(gram_lib.gram_matrix),
+      "gram_xla": jax.jit(lambda g: sum(
+          gram_lib.leaf_products(as_matrix(x), as_matrix(x), jnp.dtype(jnp.float32))
+          for x in jax.tree.leaves(g))),
       "gram_dot": jax.jit(lambda g: sum(
           gram_lib._dot(as_matrix(x), as_matrix(x), jnp.float32)
           for x in jax.tree.leaves(g))),
@@ -98,6 +105,7 @@ def main(argv=None) -> int:
       calls = {
           "mean": lambda: fns["mean"](grads),
           "gram": lambda: fns["gram"](grads),
+          "gram_xla": lambda: fns["gram_xla"](grads),
           "gram_dot": lambda: fns["gram_dot"](grads),
           "gram_mulreduce": lambda: fns["gram_mulreduce"](grads),
           "wsum": lambda: fns["wsum"](grads, w, finite),
@@ -142,11 +150,14 @@ def single_leaves(args) -> int:
 
   f32 = jnp.dtype(jnp.float32)
   mean = jax.jit(lambda x: jnp.tensordot(jnp.full((x.shape[0],), 1 / x.shape[0], x.dtype), x, 1))
+  from optax_gaf._src import native_gram
   fns = {
       "dot": jax.jit(lambda x: gram_lib._dot(x, x, f32)),
       "mulreduce": jax.jit(_multiply_reduce_gram),
       "blocked": jax.jit(lambda x: gram_lib._blocked_products(x, x, f32)),
   }
+  if native_gram.available():
+    fns["native"] = jax.jit(native_gram.gram)
   columns = ["K", "n", "leaf MiB", "mean ms"] + [f"{name}/mean" for name in fns]
   rows = []
   print(" ".join(f"{c:>12}" for c in columns))
@@ -164,11 +175,12 @@ def single_leaves(args) -> int:
                          "threads": args.threads or "all allowed", "dtype": "float32",
                          "blocked": f"columns per block = gram.block_columns(2K, n, 4)"})
   notes = ["dot: one [K, n] x [n, K] dot_general; mulreduce: the earlier chunked "
-           "multiply-reduce (c = 64); blocked: what gram_matrix runs on CPU for leaves of "
-           ">= 8 MiB (a loop of dots over column blocks of about 1 MiB of the leaf).",
+           "multiply-reduce (c = 64); blocked: the XLA fallback on CPU for leaves of "
+           ">= 8 MiB (a loop of dots over column blocks of about 1 MiB of the leaf); native: "
+           "the native kernel gram_matrix uses on CPU for float32 leaves.",
            _common.NOISE_NOTE]
   md = _common.write_results(
-      "gram_leaves", "Gram of one [K, n] leaf: one product vs multiply-reduce vs blocked",
+      "gram_leaves", "Gram of one [K, n] leaf: one product, multiply-reduce, blocked, native",
       info, columns, rows, notes)
   print("\n" + md)
   return 0
@@ -230,10 +242,13 @@ def alternatives(args) -> int:
   k = 8
   f32 = jnp.dtype(jnp.float32)
   mean = jax.jit(lambda x: jnp.tensordot(jnp.full((k,), 1 / k, x.dtype), x, 1))
-  fns = {"shipped": jax.jit(lambda x: gram_lib.leaf_products(x, x, f32))}
+  from optax_gaf._src import native_gram
+  fns = {"xla": jax.jit(lambda x: gram_lib.leaf_products(x, x, f32))}
+  if native_gram.available():
+    fns["native"] = jax.jit(native_gram.gram)
   fns.update({name: jax.jit(f) for name, f in _alternative_grams().items()})
   columns = (["n", "leaf MiB", "mean ms"] + [f"{name}/mean" for name in fns]
-             + ["numpy x@x.T / numpy mean", "shipped GFMA/s"])
+             + ["numpy x@x.T / numpy mean"] + [f"{name} GFMA/s" for name in fns if name in ("xla", "native")])
   rows = []
   print(" ".join(f"{c:>14}" for c in columns))
   for n in (1 << 16, 1 << 18, 1 << 20):
@@ -249,14 +264,18 @@ def alternatives(args) -> int:
     tn = _common.time_interleaved({"mean": lambda: wn @ xn, "gram": lambda: xn @ xn.T},
                                   warmup=2, repeats=args.repeats, block=lambda r: r)
     row = ([n, k * n * 4 / 2**20, t["mean"] * 1e3] + [t[name] / t["mean"] for name in fns]
-           + [tn["gram"] / tn["mean"], k * k * n / t["shipped"] / 1e9])
+           + [tn["gram"] / tn["mean"]]
+           + [k * (k + 1) / 2 * n / t[name] / 1e9 for name in fns if name in ("xla", "native")])
     rows.append(row)
     print(" ".join(f"{v:>14.3g}" if isinstance(v, float) else f"{v:>14}" for v in row),
           flush=True)
   info = _common.header({"timing": "contenders interleaved call by call",
                          "threads": args.threads or "all allowed", "dtype": "float32",
                          "numpy": np.__version__})
-  notes = ["shipped: gram.leaf_products (one product below 8 MiB, blocked above). "
+  notes = ["xla: gram.leaf_products, the fallback without the native kernel (one product "
+           "below 8 MiB, blocked above). native: the native kernel (native_gram.py). GFMA/s "
+           "counts the K(K+1)/2 distinct products per column (K^2 for a full product would "
+           "read 1.8x higher). "
            "row_halves: the three distinct (K/2)-row blocks (3/4 of the multiply-adds; XLA:CPU "
            "copies the row slices). upper_gather: the K(K+1)/2 pairs through a static gather "
            "and one multiply-reduce. batched_chunks: [K, n/c, c] with the chunk index as a "

@@ -1,5 +1,6 @@
 """Gram matrix and microbatch-axis validation (gram.py)."""
 
+import os
 from unittest import mock
 
 import chex
@@ -32,9 +33,12 @@ class GramMatrixTest(chex.TestCase):
     np.testing.assert_allclose(gram, expected, rtol=1e-5, atol=1e-6 * np.outer(norms, norms).max())
     np.testing.assert_array_equal(gram, gram.T)
 
+  @mock.patch.dict(os.environ, {"OPTAX_GAF_NATIVE_GRAM": "0"})  # XLA's products
   @mock.patch.object(gram_lib, "_BLOCKED_MIN_BYTES", 1 << 17)
   @mock.patch.object(gram_lib, "_BLOCK_BYTES", 1 << 14)
   def test_large_leaves_under_jit_and_vmap_including_a_batch_of_one(self):
+    jax.clear_caches()
+    self.addCleanup(jax.clear_caches)
     # Leaves of >= _BLOCKED_MIN_BYTES (lowered here to keep the test small)
     # take the blocked path on CPU: 16 blocks of 1024 columns and a 256-column
     # remainder. jit(vmap(...)) over a batch of one is checked because an

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from optax_gaf._src import base
+from optax_gaf._src import native_gram
 
 
 def accumulation_dtype(dtype: Any) -> jnp.dtype:
@@ -94,8 +95,9 @@ def gram_matrix(grads: base.MicroGrads) -> jax.Array:
   Leaf by leaf on a reshaped ``[K, n]`` view (no flatten and
   concatenate), accumulated in float32 (or float64 for float64 gradients)
   at full precision, so bf16/fp16 gradients do not lose the inner products.
-  On CPU, large leaves are multiplied in column blocks (see
-  :func:`leaf_products`); it supports ``jit``, ``vmap``, and forward and
+  On CPU, float32 leaves go to a native kernel (``native_gram``) when it can
+  be built, and otherwise large leaves are multiplied in column blocks (see
+  :func:`leaf_products`). It supports ``jit``, ``vmap``, and forward and
   reverse differentiation.
 
   Args:
@@ -104,7 +106,40 @@ def gram_matrix(grads: base.MicroGrads) -> jax.Array:
   Returns:
     ``G`` of shape ``[K, K]`` with ``G[i, j] = sum_leaves <g_i, g_j>``.
   """
-  return cross_products(grads, grads)
+  acc = tree_accumulation_dtype(grads)
+  # The kernel is opaque to XLA's SPMD partitioner (it would gather sharded
+  # leaves), so it is used on single-device CPU runs only.
+  native = (acc == jnp.float32 and jax.default_backend() == "cpu"
+            and jax.device_count() == 1 and native_gram.available())
+  total = None
+  for leaf in jax.tree.leaves(grads):
+    x = _as_matrix(leaf)
+    if native and x.dtype == jnp.float32:
+      g = _native_or_xla_gram(x)
+    else:
+      g = leaf_products(x, x, acc)
+    total = g if total is None else total + g
+  return total
+
+
+@jax.custom_jvp
+def _native_or_xla_gram(x: jax.Array) -> jax.Array:
+  """``x @ x.T`` of a float32 ``[K, n]`` leaf: the native kernel on CPU.
+
+  Other platforms lower :func:`leaf_products`. The JVP rule keeps
+  differentiation off the kernel: the tangent ``dx x^T + x dx^T`` is a plain
+  contraction.
+  """
+  f32 = jnp.dtype(jnp.float32)
+  return lax.platform_dependent(
+      x, cpu=native_gram.gram, default=lambda x: leaf_products(x, x, f32))
+
+
+@_native_or_xla_gram.defjvp
+def _native_or_xla_gram_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  cross = _dot(dx, x, jnp.dtype(jnp.float32))
+  return _native_or_xla_gram(x), cross + cross.T
 
 
 def cross_products(grads: base.MicroGrads, other: base.MicroGrads) -> jax.Array:

@@ -1,0 +1,130 @@
+"""A native XLA:CPU kernel for the Gram matrix of a float32 ``[..., K, n]`` array.
+
+XLA:CPU multiplies ``[K, n] x [n, K]`` with a general matrix kernel that
+vectorises over the tiny ``K x K`` output; ``native/gram_kernel.cc``
+vectorises over ``n``, computes only the tiles on and above the diagonal and
+keeps a block of columns in L1 (see ``benchmarks/bench_gram.py``).
+
+The kernel is compiled on first use with the system C++ compiler against
+jaxlib's XLA FFI headers (``jax.ffi.include_dir()``), cached under
+``$OPTAX_GAF_CACHE_DIR`` (default ``~/.cache/optax_gaf``) by a hash of the
+source, jaxlib version, compiler and flags, and registered as an XLA FFI
+target for the CPU platform. Without a compiler, or with
+``OPTAX_GAF_NATIVE_GRAM=0``, :func:`available` returns False and callers use
+XLA's own products; the results agree up to float summation order.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+TARGET = "optax_gaf_gram_f32"
+_SOURCE = pathlib.Path(__file__).resolve().parent / "native" / "gram_kernel.cc"
+_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=fast")
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {}
+
+
+def enabled() -> bool:
+  """False when ``OPTAX_GAF_NATIVE_GRAM`` is set to ``0``, ``false`` or ``no``."""
+  return os.environ.get("OPTAX_GAF_NATIVE_GRAM", "1").strip().lower() not in ("0", "false", "no")
+
+
+def _compiler() -> str | None:
+  for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+    if name and shutil.which(name):
+      return shutil.which(name)
+  return None
+
+
+def _cache_dir() -> pathlib.Path:
+  root = os.environ.get("OPTAX_GAF_CACHE_DIR")
+  return pathlib.Path(root) if root else pathlib.Path.home() / ".cache" / "optax_gaf"
+
+
+def _build(cxx: str) -> pathlib.Path:
+  """Compiles the kernel (once per source/jaxlib/compiler/flags) and returns the .so path."""
+  import jaxlib
+  include = jax.ffi.include_dir()
+  source = _SOURCE.read_bytes()
+  attempts = [_FLAGS + ("-march=native",), _FLAGS]
+  key = hashlib.sha256(b"\0".join([
+      source, jaxlib.__version__.encode(), cxx.encode(), repr(attempts).encode(),
+      sys.platform.encode(), os.uname().machine.encode()])).hexdigest()[:16]
+  out = _cache_dir() / f"gram_kernel-{key}.so"
+  if out.exists():
+    return out
+  out.parent.mkdir(parents=True, exist_ok=True)
+  errors = []
+  for flags in attempts:
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+      tmp_out = pathlib.Path(tmp) / out.name
+      cmd = [cxx, *flags, f"-I{include}", str(_SOURCE), "-o", str(tmp_out)]
+      proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+      if proc.returncode == 0:
+        os.replace(tmp_out, out)  # atomic: concurrent builders agree
+        return out
+      errors.append(f"$ {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+  raise RuntimeError("compiling the native Gram kernel failed:\n" + "\n".join(errors))
+
+
+def available() -> bool:
+  """Whether the native kernel is built and registered (builds it on first call).
+
+  Returns False, with one warning, if it cannot be built or loaded; never raises.
+  """
+  if not enabled():
+    return False
+  with _LOCK:
+    if "ok" not in _STATE:
+      _STATE["ok"] = False
+      cxx = _compiler()
+      if cxx is None:
+        _STATE["error"] = "no C++ compiler found (set CXX)"
+      else:
+        try:
+          lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
+          jax.ffi.register_ffi_target(
+              TARGET, jax.ffi.pycapsule(lib.OptaxGafGramF32), platform="cpu")
+          _STATE["lib"] = lib
+          _STATE["ok"] = True
+        except Exception as e:  # noqa: BLE001 - fall back to XLA's products
+          _STATE["error"] = f"{type(e).__name__}: {e}"
+          warnings.warn(
+              "optax_gaf: the native CPU Gram kernel is unavailable, using XLA's "
+              f"matrix products instead (slower on CPU): {_STATE['error']}",
+              RuntimeWarning, stacklevel=2)
+    return bool(_STATE["ok"])
+
+
+def gram(x: jax.Array) -> jax.Array:
+  """``x @ swapaxes(x, -1, -2)`` for float32 ``x`` of shape ``[..., K, n]`` (CPU only).
+
+  Call only when :func:`available` is True, inside a computation lowered for
+  CPU. Batches (``vmap``) are handled by the kernel's loop over leading axes.
+  """
+  out = jax.ShapeDtypeStruct((*x.shape[:-1], x.shape[-2]), jnp.float32)
+  g = jax.ffi.ffi_call(TARGET, out, vmap_method="broadcast_all")(x)
+  # Inside shard_map the result varies over the same manual axes as ``x``.
+  varying = tuple(sorted(_varying_axes(x)))
+  return jax.lax.pcast(g, varying, to="varying") if varying else g
+
+
+def _varying_axes(x: jax.Array) -> frozenset:
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)
+  if manual is not None:
+    return frozenset(manual.varying)
+  return frozenset(getattr(aval, "vma", ()))

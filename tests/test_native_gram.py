@@ -1,0 +1,126 @@
+"""The native XLA:CPU Gram kernel (native_gram.py, native/gram_kernel.cc)."""
+
+import os
+import warnings
+from unittest import mock
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optax_gaf
+from optax_gaf._src import gram as gram_lib
+from optax_gaf._src import native_gram
+from tests import reference as ref_lib
+
+needs_kernel = pytest.mark.skipif(
+    not native_gram.available(),
+    reason=f"native Gram kernel unavailable: {native_gram._STATE.get('error')}")
+
+
+def _exact(x):
+  x = np.asarray(x, np.float64)
+  return np.einsum("...kn,...jn->...kj", x, x)
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 33])
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 8191, 8192, 8209, 40000])
+def test_kernel_equals_float64_and_is_exactly_symmetric(k, n):
+  # n spans: empty, scalar tails, whole vectors, one block (8192 columns),
+  # a block plus a tail, and several blocks (more than one flush at 16 blocks
+  # needs n > 131072; see the large test below).
+  x = np.random.default_rng(k * 100_003 + n).standard_normal((k, n)).astype(np.float32)
+  g = np.asarray(jax.jit(native_gram.gram)(x))
+  assert g.shape == (k, k) and g.dtype == np.float32
+  exact = _exact(x)
+  np.testing.assert_allclose(g, exact, rtol=2e-6, atol=2e-6 * max(1.0, np.abs(exact).max()))
+  np.testing.assert_array_equal(g, g.T)
+
+
+@needs_kernel
+def test_kernel_across_flushes_is_more_accurate_than_float32_sums():
+  # 16 blocks of 8192 columns per flush: 300_000 columns cross two flushes.
+  # All-ones rows: the exact products are integers; a float32 running sum of
+  # 300_000 ones per lane would still be exact, so use 1 + 2^-12 to make
+  # float32-only accumulation lose bits while float64 totals do not.
+  x = np.full((4, 300_000), 1 + 2.0**-12, np.float32)
+  g = np.asarray(native_gram.gram(x))
+  exact = _exact(x)
+  np.testing.assert_allclose(g, exact, rtol=1e-7)
+
+
+@needs_kernel
+def test_kernel_under_vmap_and_nan_inf_propagate_like_a_dot():
+  rng = np.random.default_rng(0)
+  xb = rng.standard_normal((3, 2, 5, 1000)).astype(np.float32)
+  g = jax.jit(jax.vmap(jax.vmap(native_gram.gram)))(xb)
+  np.testing.assert_allclose(g, _exact(xb), rtol=1e-5, atol=1e-3)
+  x = rng.standard_normal((4, 100)).astype(np.float32)
+  x[1, 7] = np.nan
+  x[2, 3] = np.inf
+  g = np.asarray(native_gram.gram(x))
+  dot = np.asarray(gram_lib._dot(jnp.asarray(x), jnp.asarray(x), jnp.dtype(jnp.float32)))
+  np.testing.assert_array_equal(np.isfinite(g), np.isfinite(dot))
+  assert np.isnan(g[1]).all() and np.isinf(g[2, 2])
+
+
+@needs_kernel
+def test_gram_matrix_uses_the_kernel_for_float32_on_cpu():
+  grads = {"w": jnp.ones((4, 300)), "b": jnp.ones((4, 3), jnp.bfloat16)}
+  hlo = jax.jit(optax_gaf.gram_matrix).lower(grads).as_text()
+  assert native_gram.TARGET in hlo
+  np.testing.assert_array_equal(jax.jit(optax_gaf.gram_matrix)(grads), np.full((4, 4), 303.0))
+
+
+@needs_kernel
+def test_gaf_update_and_gradients_match_the_xla_path():
+  rng = np.random.default_rng(3)
+  grads = ref_lib.correlated_micrograds(rng, 8, [(30, 40), (40,), (7, 3, 3)], 0.6, 1.0)
+  grads = jax.tree.map(jnp.asarray, grads)
+  gaf = optax_gaf.gaf(0.95)
+  native_update = jax.jit(lambda g: gaf.update(g, gaf.init(None))[0])(grads)
+  native_grad = jax.jit(jax.grad(lambda g: jnp.sum(optax_gaf.gram_matrix(g) ** 2)))(grads)
+  with mock.patch.dict(os.environ, {"OPTAX_GAF_NATIVE_GRAM": "0"}):
+    jax.clear_caches()
+    hlo = jax.jit(optax_gaf.gram_matrix).lower(grads).as_text()
+    assert native_gram.TARGET not in hlo
+    xla_update = jax.jit(lambda g: gaf.update(g, gaf.init(None))[0])(grads)
+    xla_grad = jax.jit(jax.grad(lambda g: jnp.sum(optax_gaf.gram_matrix(g) ** 2)))(grads)
+  jax.clear_caches()
+  chex.assert_trees_all_close(native_update, xla_update, rtol=1e-5, atol=1e-6)
+  # Gradients are up to ~4e4 here; compare at float32 precision of that scale
+  # (the two paths sum in different orders).
+  scale = max(float(jnp.abs(v).max()) for v in jax.tree.leaves(xla_grad))
+  chex.assert_trees_all_close(native_grad, xla_grad, rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_failed_build_falls_back_with_one_warning(tmp_path):
+  saved = dict(native_gram._STATE)
+  native_gram._STATE.clear()
+  env = {"CXX": "false", "OPTAX_GAF_CACHE_DIR": str(tmp_path), "OPTAX_GAF_NATIVE_GRAM": "1"}
+  try:
+    with mock.patch.dict(os.environ, env), \
+         mock.patch.object(native_gram, "_compiler", return_value="/bin/false"):
+      with pytest.warns(RuntimeWarning, match="native CPU Gram kernel is unavailable"):
+        assert not native_gram.available()
+      with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call is silent
+        assert not native_gram.available()
+      assert "compiling the native Gram kernel failed" in native_gram._STATE["error"]
+      jax.clear_caches()
+      x = np.arange(12.0, dtype=np.float32).reshape(3, 4)
+      np.testing.assert_allclose(jax.jit(optax_gaf.gram_matrix)({"w": x}), _exact(x), rtol=1e-6)
+  finally:
+    native_gram._STATE.clear()
+    native_gram._STATE.update(saved)
+    jax.clear_caches()
+
+
+def test_disabled_by_environment():
+  with mock.patch.dict(os.environ, {"OPTAX_GAF_NATIVE_GRAM": "0"}):
+    assert not native_gram.enabled() and not native_gram.available()
+  with mock.patch.dict(os.environ, {"OPTAX_GAF_NATIVE_GRAM": "1"}):
+    assert native_gram.enabled()
