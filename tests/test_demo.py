@@ -208,3 +208,23 @@ def test_weighted_averaging_uniform_equals_mean_and_follows_gaf_steps():
   with pytest.raises(ValueError, match="weights"):
     ex.train(data, y_noisy, order, graphdef, params, method="averaging",
              weights=uniform[:, :, :2], **kw)
+
+
+def test_weighted_averaging_of_two_of_four_microbatches_equals_k2_on_them():
+  # Microbatches are contiguous slices of each step's batch, so weights
+  # (1/2, 1/2, 0, 0) at K = 4 must train exactly like K = 2 averaging on the
+  # first half of every batch: pins that the weights select and scale.
+  k, m = 4, 4
+  data, y_noisy, order, graphdef, params = _tiny_setup(k=k, m=m)
+  kw = dict(eval_every=4, optimizer="sgd", lr=0.05)
+  w = np.zeros((*order.shape[:2], k), np.float32)
+  w[..., :2] = 0.5
+  weighted = ex.train(data, y_noisy, order, graphdef, params, method="averaging",
+                      num_microbatches=k, weights=w, **kw)
+  half = ex.train(data, y_noisy, order[:, :, :2 * m], graphdef, params, method="averaging",
+                  num_microbatches=2, **kw)
+  np.testing.assert_allclose(weighted.train_acc_noisy, half.train_acc_noisy, atol=1e-6)
+  np.testing.assert_allclose(weighted.test_acc, half.test_acc, atol=1e-6)
+  full = ex.train(data, y_noisy, order, graphdef, params, method="averaging",
+                  num_microbatches=k, **kw)
+  assert not np.allclose(full.train_acc_noisy, half.train_acc_noisy)  # the test can fail

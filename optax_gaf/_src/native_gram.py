@@ -20,6 +20,8 @@ import ctypes
 import hashlib
 import os
 import pathlib
+import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -42,11 +44,35 @@ def enabled() -> bool:
   return os.environ.get("OPTAX_GAF_NATIVE_GRAM", "1").strip().lower() not in ("0", "false", "no")
 
 
-def _compiler() -> str | None:
-  for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-    if name and shutil.which(name):
-      return shutil.which(name)
+def _compiler() -> list[str] | None:
+  """The C++ compiler command: ``$CXX`` (may hold arguments), else the first found."""
+  cxx = shlex.split(os.environ.get("CXX", ""))
+  if cxx and shutil.which(cxx[0]):
+    return [shutil.which(cxx[0]), *cxx[1:]]
+  for name in ("c++", "g++", "clang++"):
+    if shutil.which(name):
+      return [shutil.which(name)]
   return None
+
+
+def _host_fingerprint() -> bytes:
+  """What ``-march=native`` depends on: the CPU model and feature flags.
+
+  Part of the cache key, so a cache directory shared between different
+  machines never hands one a kernel built for another's instruction set.
+  """
+  parts = {"platform": sys.platform, "machine": platform.machine(),
+           "processor": platform.processor()}
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("model name", "flags", "Features", "CPU part") and key not in parts:
+          parts[key] = value.strip()
+  except OSError:
+    pass
+  return repr(sorted(parts.items())).encode()
 
 
 def _cache_dir() -> pathlib.Path:
@@ -54,15 +80,15 @@ def _cache_dir() -> pathlib.Path:
   return pathlib.Path(root) if root else pathlib.Path.home() / ".cache" / "optax_gaf"
 
 
-def _build(cxx: str) -> pathlib.Path:
+def _build(cxx: list[str]) -> pathlib.Path:
   """Compiles the kernel (once per source/jaxlib/compiler/flags) and returns the .so path."""
   import jaxlib
   include = jax.ffi.include_dir()
   source = _SOURCE.read_bytes()
   attempts = [_FLAGS + ("-march=native",), _FLAGS]
   key = hashlib.sha256(b"\0".join([
-      source, jaxlib.__version__.encode(), cxx.encode(), repr(attempts).encode(),
-      sys.platform.encode(), os.uname().machine.encode()])).hexdigest()[:16]
+      source, jaxlib.__version__.encode(), repr(cxx).encode(), repr(attempts).encode(),
+      _host_fingerprint()])).hexdigest()[:16]
   out = _cache_dir() / f"gram_kernel-{key}.so"
   if out.exists():
     return out
@@ -71,7 +97,7 @@ def _build(cxx: str) -> pathlib.Path:
   for flags in attempts:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
       tmp_out = pathlib.Path(tmp) / out.name
-      cmd = [cxx, *flags, f"-I{include}", str(_SOURCE), "-o", str(tmp_out)]
+      cmd = [*cxx, *flags, f"-I{include}", str(_SOURCE), "-o", str(tmp_out)]
       proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
       if proc.returncode == 0:
         os.replace(tmp_out, out)  # atomic: concurrent builders agree

@@ -18,6 +18,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <exception>
+#include <string>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -75,7 +77,10 @@ inline void Tile(const float* const* a, const float* const* b, int64_t len,
     for (int c = 0; c < C; ++c) {
       vb[c] = Load(b[c] + t);
 #if OPTAX_GAF_PREFETCH
-      __builtin_prefetch(b[c] + t + kBlock);  // same rows, next block
+      // Same rows, next block. Integer address arithmetic: the address may
+      // lie past the buffer (a prefetch never faults; a pointer there is UB).
+      __builtin_prefetch(reinterpret_cast<const void*>(
+          reinterpret_cast<std::uintptr_t>(b[c] + t) + kBlock * sizeof(float)));
 #endif
     }
     for (int r = 0; r < R; ++r)
@@ -167,12 +172,16 @@ ffi::Error GramImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> g) {
   for (size_t d = 0; d + 2 < dims.size(); ++d) batch *= dims[d];
   const float* in = x.typed_data();
   float* out = g->typed_data();
-  for (int64_t b = 0; b < batch; ++b) {
-    if (n == 0) {
-      std::fill(out + b * k * k, out + (b + 1) * k * k, 0.0f);
-    } else {
-      Gram(in + b * k * n, k, n, out + b * k * k);
+  try {  // no C++ exception may cross the FFI boundary
+    for (int64_t b = 0; b < batch; ++b) {
+      if (n == 0) {
+        std::fill(out + b * k * k, out + (b + 1) * k * k, 0.0f);
+      } else {
+        Gram(in + b * k * n, k, n, out + b * k * k);
+      }
     }
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("optax_gaf gram: ") + e.what());
   }
   return ffi::Error::Success();
 }
