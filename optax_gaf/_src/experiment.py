@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 import optax_gaf
+from optax_gaf._src import combine as combine_lib
 
 DATASETS: tuple[str, ...] = ("digits", "mnist1d")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
@@ -273,10 +274,9 @@ def _make_chunk_fn(graphdef: Any, method: str, optimizer: str, lr: float,
         agree = optax_gaf.agreement_weights(optax_gaf.gram_matrix(grads), 2.0, "mean")
         dist = compared_distance(agree.distances, agree.finite)
         if weighted:
-          # Unchosen microgradients must not leak NaN/Inf (0 * NaN = NaN).
-          mean = jax.tree.map(lambda g: jnp.sum(jnp.where(
-              (w > 0).reshape((-1,) + (1,) * (g.ndim - 1)),
-              w.astype(g.dtype).reshape((-1,) + (1,) * (g.ndim - 1)) * g, 0), axis=0), grads)
+          # The library's masked weighted sum: unchosen microgradients cannot
+          # leak NaN/Inf through a zero weight (0 * NaN = NaN).
+          mean = combine_lib.weighted_sum(w, grads, w > 0)
           do_update = do_update & jnp.any(w > 0)
           used = jnp.where(do_update, jnp.sum(w > 0, dtype=jnp.int32), 0)
         else:
