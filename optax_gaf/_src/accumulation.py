@@ -96,10 +96,7 @@ def check_single_microgradient(grads: optax.Updates, running: RunningFilter,
         f"but the parameters it was initialised with have {a_treedef.num_leaves}")
   for (path, g), a in zip(g_leaves, a_leaves):
     name = jax.tree_util.keystr(path) or "<root>"
-    if not jnp.issubdtype(jnp.result_type(g), jnp.floating):
-      raise ValueError(
-          f"GAF needs floating-point gradients; leaf {name} has dtype "
-          f"{jnp.result_type(g)}")
+    base.check_floating_leaf(g, name)
     if tuple(jnp.shape(g)) != tuple(a.shape):
       raise ValueError(
           f"`{caller}` takes ONE microgradient per call, shaped like the "

@@ -6,6 +6,7 @@ import math
 from typing import Any, Literal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -44,6 +45,14 @@ def check_combine(combine: str) -> None:
   if combine not in COMBINE_RULES:
     raise ValueError(
         f"`combine` must be one of {COMBINE_RULES}, got {combine!r}")
+
+
+def check_floating_leaf(leaf: Any, name: str) -> None:
+  """Raises ValueError naming leaf ``name`` unless its dtype is floating point."""
+  dtype = jnp.result_type(leaf)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(
+        f"GAF needs floating-point gradients; leaf {name} has dtype {dtype}")
 
 
 def check_num_microbatches(k: Any, name: str = "num_microbatches") -> int | None:

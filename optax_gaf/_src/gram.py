@@ -52,10 +52,7 @@ def num_microbatches(
   for path, leaf in leaves:
     name = jax.tree_util.keystr(path) or "<root>"
     shape = tuple(jnp.shape(leaf))
-    if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-      raise ValueError(
-          f"GAF needs floating-point gradients; leaf {name} has dtype "
-          f"{jnp.result_type(leaf)}")
+    base.check_floating_leaf(leaf, name)
     if len(shape) == 0:
       raise ValueError(
           f"Gradient leaf {name} is a scalar: it has no leading microbatch "
