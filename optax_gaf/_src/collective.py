@@ -381,10 +381,16 @@ def cross_device_gram(
   """
   cfg = make_config(axis_name, mode, sketch_dim, sketch_seed, True, "cross_device_gram")
   bound_axis_size(axis_name, "cross_device_gram")
+  return _gram_and_finite(local, cfg, step)
+
+
+def _gram_and_finite(
+    local: base.MicroGrads, cfg: CollectiveConfig, step: Any
+) -> tuple[jax.Array, jax.Array]:
+  """:func:`cross_device_gram` for an already validated config and bound axis."""
   if cfg.mode == "sketch":
-    return gram_sketch(local, axis_name, cfg.sketch_dim, cfg.sketch_seed, step)
-  gram = gram_all_gather(local, axis_name) if cfg.mode == "all_gather" else gram_ring(
-      local, axis_name)
+    return gram_sketch(local, cfg.axis_name, cfg.sketch_dim, cfg.sketch_seed, step)
+  gram = (gram_all_gather if cfg.mode == "all_gather" else gram_ring)(local, cfg.axis_name)
   return gram, agreement_lib.finite_from_gram(gram)
 
 
@@ -441,9 +447,7 @@ def filter_across_devices(
     raise ValueError(
         f"GAF needs at least 2 microbatches, got {num_devices} device(s) x "
         f"{k_local} local microbatch(es) over axis {config.axis_name!r}")
-  gram, finite = cross_device_gram(
-      local, config.axis_name, mode=config.mode, sketch_dim=config.sketch_dim,
-      sketch_seed=config.sketch_seed, step=step)
+  gram, finite = _gram_and_finite(local, config, step)
   agreement = agreement_lib.agreement_weights(gram, tau, combine, finite)
   filtered = weighted_psum(agreement.weights, local, agreement.finite, config.axis_name)
   return filtered, agreement
