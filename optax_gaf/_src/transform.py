@@ -225,11 +225,30 @@ def gaf(
     emits zeros on a skip, which later stateful transformations (momentum,
     Adam) still count as a step. :func:`with_gaf` skips them properly.
   """
+  return make_gaf(tau, combine, num_microbatches, axis_name, mode, sketch_dim,
+                  sketch_seed, local_axis, caller="gaf")
+
+
+def make_gaf(
+    tau: base.TauLike,
+    combine: base.Combine,
+    num_microbatches: int | None,
+    axis_name: Any,
+    mode: str,
+    sketch_dim: int | None,
+    sketch_seed: int,
+    local_axis: bool,
+    caller: str,
+) -> optax.GradientTransformationExtraArgs:
+  """:func:`gaf`, with ``caller`` naming the public function in error messages.
+
+  Validates every argument once; :func:`~optax_gaf.with_gaf` builds on it.
+  """
   base.check_tau(tau)
   base.check_combine(combine)
   k_static = base.check_num_microbatches(num_microbatches)
   config = collective.make_config(
-      axis_name, mode, sketch_dim, sketch_seed, local_axis, caller="gaf")
+      axis_name, mode, sketch_dim, sketch_seed, local_axis, caller=caller)
 
   def init_fn(params: optax.Params) -> GafState:
     del params
@@ -239,7 +258,7 @@ def gaf(
     del extra_args
     tau_t = current_tau(tau, state.count)
     filtered, agreement = filter_step(
-        grads, state, tau_t, combine, k_static, config, params, caller="gaf")
+        grads, state, tau_t, combine, k_static, config, params, caller=caller)
     return filtered, next_gaf_state(state, tau_t, agreement)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -108,25 +108,16 @@ def with_gaf(
   References:
     Chaubard, Eddy and Kochenderfer, 2024. https://arxiv.org/abs/2412.18052
   """
-  base.check_tau(tau)
-  base.check_combine(combine)
-  k_static = base.check_num_microbatches(num_microbatches)
-  config = collective.make_config(
-      axis_name, mode, sketch_dim, sketch_seed, local_axis, caller="with_gaf")
+  gaf = transform.make_gaf(tau, combine, num_microbatches, axis_name, mode,
+                           sketch_dim, sketch_seed, local_axis, caller="with_gaf")
 
   def init_fn(params: optax.Params) -> WithGafState:
-    return WithGafState(
-        gaf_state=transform.init_gaf_state(k_static),
-        inner_state=inner.init(params))
+    return WithGafState(gaf_state=gaf.init(params), inner_state=inner.init(params))
 
   def update_fn(grads, state: WithGafState, params=None, **extra_args):
-    tau_t = transform.current_tau(tau, state.gaf_state.count)
-    filtered, agreement = transform.filter_step(
-        grads, state.gaf_state, tau_t, combine, k_static, config, params,
-        caller="with_gaf")
+    filtered, gaf_state = gaf.update(grads, state.gaf_state, params)
     updates, inner_state = apply_or_skip(
-        inner, agreement.skipped, filtered, state.inner_state, params, **extra_args)
-    gaf_state = transform.next_gaf_state(state.gaf_state, tau_t, agreement)
+        inner, gaf_state.skipped, filtered, state.inner_state, params, **extra_args)
     return updates, WithGafState(gaf_state=gaf_state, inner_state=inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
