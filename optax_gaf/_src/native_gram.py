@@ -33,6 +33,10 @@ import jax
 import jax.numpy as jnp
 
 TARGET = "optax_gaf_gram_f32"
+GRAM_SUM_TARGET = "optax_gaf_gram_sum_f32"
+COMBINE_TARGET = "optax_gaf_combine_f32"
+_SYMBOLS = {TARGET: "OptaxGafGramF32", GRAM_SUM_TARGET: "OptaxGafGramSumF32",
+            COMBINE_TARGET: "OptaxGafCombineF32"}
 _SOURCE = pathlib.Path(__file__).resolve().parent / "native" / "gram_kernel.cc"
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=fast")
 _LOCK = threading.Lock()
@@ -122,8 +126,9 @@ def available() -> bool:
       else:
         try:
           lib = ctypes.cdll.LoadLibrary(str(_build(cxx)))
-          jax.ffi.register_ffi_target(
-              TARGET, jax.ffi.pycapsule(lib.OptaxGafGramF32), platform="cpu")
+          for target, symbol in _SYMBOLS.items():
+            jax.ffi.register_ffi_target(
+                target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
           _STATE["lib"] = lib
           _STATE["ok"] = True
         except Exception as e:  # noqa: BLE001 - fall back to XLA's products
@@ -142,10 +147,46 @@ def gram(x: jax.Array) -> jax.Array:
   CPU. Batches (``vmap``) are handled by the kernel's loop over leading axes.
   """
   out = jax.ShapeDtypeStruct((*x.shape[:-1], x.shape[-2]), jnp.float32)
-  g = jax.ffi.ffi_call(TARGET, out, vmap_method="broadcast_all")(x)
-  # Inside shard_map the result varies over the same manual axes as ``x``.
+  return _like(x, jax.ffi.ffi_call(TARGET, out, vmap_method="broadcast_all")(x))
+
+
+def gram_and_sum(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The Gram matrix of ``x`` (as :func:`gram`) and its row sum, in one pass.
+
+  Args:
+    x: float32 ``[..., K, n]``.
+
+  Returns:
+    ``(x @ swapaxes(x, -1, -2), sum(x, axis=-2))``: ``[..., K, K]`` and
+    ``[..., n]``, both float32. Call only as :func:`gram`.
+  """
+  outs = (jax.ShapeDtypeStruct((*x.shape[:-1], x.shape[-2]), jnp.float32),
+          jax.ShapeDtypeStruct((*x.shape[:-2], x.shape[-1]), jnp.float32))
+  g, s = jax.ffi.ffi_call(GRAM_SUM_TARGET, outs, vmap_method="broadcast_all")(x)
+  return _like(x, g), _like(x, s)
+
+
+def combine(x: jax.Array, total: jax.Array, coef: jax.Array, a0: jax.Array) -> jax.Array:
+  """``a0 * total + sum_{r: coef_r != 0} coef_r * x_r``, reading only those rows.
+
+  Args:
+    x: float32 ``[..., K, n]``.
+    total: float32 ``[..., n]`` (read only when ``a0 != 0``).
+    coef: float32 ``[..., K]``; rows with a zero coefficient are not read.
+    a0: float32 ``[...]``.
+
+  Returns:
+    float32 ``[..., n]``. Call only as :func:`gram`.
+  """
+  out = jax.ShapeDtypeStruct((*x.shape[:-2], x.shape[-1]), jnp.float32)
+  y = jax.ffi.ffi_call(COMBINE_TARGET, out, vmap_method="broadcast_all")(x, total, coef, a0)
+  return _like(x, y)
+
+
+def _like(x: jax.Array, y: jax.Array) -> jax.Array:
+  """Inside shard_map, marks ``y`` as varying over the same manual axes as ``x``."""
   varying = tuple(sorted(_varying_axes(x)))
-  return jax.lax.pcast(g, varying, to="varying") if varying else g
+  return jax.lax.pcast(y, varying, to="varying") if varying else y
 
 
 def _varying_axes(x: jax.Array) -> frozenset:

@@ -13,6 +13,7 @@ from optax_gaf._src import base
 from optax_gaf._src import collective
 from optax_gaf._src import combine as combine_lib
 from optax_gaf._src import gram as gram_lib
+from optax_gaf._src import native_filter
 
 
 class GafState(NamedTuple):
@@ -90,6 +91,10 @@ def filter_microgradients(
 ) -> tuple[base.Updates, agreement_lib.Agreement]:
   """Gram matrix -> agreement weights -> weighted sum, on one device.
 
+  On single-device CPU runs with float32 gradients this is
+  ``native_filter.filter_microgradients`` (one pass over the microgradients
+  instead of two).
+
   Args:
     grads: microgradients with a leading axis K (validated by the caller).
     tau: threshold at this step.
@@ -99,6 +104,8 @@ def filter_microgradients(
     ``(filtered, agreement)``; ``filtered`` is all zeros on a skip and never
     contains NaN/Inf coming from dropped microgradients.
   """
+  if native_filter.applicable(grads):
+    return native_filter.filter_microgradients(grads, tau, combine)
   gram = gram_lib.gram_matrix(grads)
   agreement = agreement_lib.agreement_weights(gram, tau, combine)
   filtered = combine_lib.weighted_sum(agreement.weights, grads, agreement.finite)

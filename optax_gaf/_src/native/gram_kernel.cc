@@ -61,13 +61,20 @@ inline float HorizontalSum(Vec v) {
   return s;
 }
 
+inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
+
+// What a tile does with the column sums of its b rows: nothing, store them
+// (the first tile of a block), or add them to those stored.
+enum SumMode { kNoSum, kStoreSum, kAddSum };
+
 // Vector partial sums of one R x C tile: acc[r][c] += a_r[t] * b_c[t] over
 // the full vectors of columns [0, len). The accumulators live in memory
 // between blocks (one load and store each per block), so blocks can be small
-// enough for L1 without horizontal sums per block.
-template <int R, int C>
+// enough for L1 without horizontal sums per block. A diagonal tile (b == a,
+// R == C) accumulates only c >= r; the caller mirrors the rest.
+template <int R, int C, bool Diag, SumMode Sum>
 inline void Tile(const float* const* a, const float* const* b, int64_t len,
-                 Vec* acc_mem) {
+                 Vec* acc_mem, float* sum) {
   Vec acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = acc_mem[r * kTile + c];
@@ -75,7 +82,7 @@ inline void Tile(const float* const* a, const float* const* b, int64_t len,
     Vec va[R], vb[C];
     for (int r = 0; r < R; ++r) va[r] = Load(a[r] + t);
     for (int c = 0; c < C; ++c) {
-      vb[c] = Load(b[c] + t);
+      vb[c] = Diag ? va[c < R ? c : R - 1] : Load(b[c] + t);
 #if OPTAX_GAF_PREFETCH
       // Same rows, next block. Integer address arithmetic: the address may
       // lie past the buffer (a prefetch never faults; a pointer there is UB).
@@ -84,35 +91,62 @@ inline void Tile(const float* const* a, const float* const* b, int64_t len,
 #endif
     }
     for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) acc[r][c] += va[r] * vb[c];
+      for (int c = 0; c < C; ++c)
+        if (!Diag || c >= r) acc[r][c] += va[r] * vb[c];
+    if (Sum != kNoSum) {
+      Vec s = vb[0];
+      for (int c = 1; c < C; ++c) s += vb[c];
+      if (Sum == kAddSum) s += Load(sum + t);
+      Store(sum + t, s);
+    }
   }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc_mem[r * kTile + c] = acc[r][c];
 }
 
-template <int R>
+template <bool Diag, SumMode Sum, int R>
 inline void TileR(int c, const float* const* a, const float* const* b,
-                  int64_t len, Vec* acc) {
+                  int64_t len, Vec* acc, float* sum) {
   switch (c) {
-    case 1: Tile<R, 1>(a, b, len, acc); break;
-    case 2: Tile<R, 2>(a, b, len, acc); break;
-    case 3: Tile<R, 3>(a, b, len, acc); break;
-    default: Tile<R, 4>(a, b, len, acc); break;
+    case 1: Tile<R, 1, Diag, Sum>(a, b, len, acc, sum); break;
+    case 2: Tile<R, 2, Diag, Sum>(a, b, len, acc, sum); break;
+    case 3: Tile<R, 3, Diag, Sum>(a, b, len, acc, sum); break;
+    default: Tile<R, 4, Diag, Sum>(a, b, len, acc, sum); break;
   }
 }
 
+template <bool Diag, SumMode Sum>
 inline void AnyTile(int r, int c, const float* const* a, const float* const* b,
-                    int64_t len, Vec* acc) {
+                    int64_t len, Vec* acc, float* sum) {
   switch (r) {
-    case 1: TileR<1>(c, a, b, len, acc); break;
-    case 2: TileR<2>(c, a, b, len, acc); break;
-    case 3: TileR<3>(c, a, b, len, acc); break;
-    default: TileR<4>(c, a, b, len, acc); break;
+    case 1: TileR<Diag, Sum, 1>(c, a, b, len, acc, sum); break;
+    case 2: TileR<Diag, Sum, 2>(c, a, b, len, acc, sum); break;
+    case 3: TileR<Diag, Sum, 3>(c, a, b, len, acc, sum); break;
+    default: TileR<Diag, Sum, 4>(c, a, b, len, acc, sum); break;
   }
 }
 
-// g[k * k] = x[k * n] x[k * n]^T.
-void Gram(const float* x, int64_t k, int64_t n, float* g) {
+// One tile pair (ti, tj), tj >= ti, over a block; the tiles of the first row
+// (ti == 0) see every row of x once as b rows, so they also make the column
+// sums when ``sum`` is not null.
+inline void TilePair(int64_t ti, int64_t tj, int r, int c, const float* const* a,
+                     const float* const* b, int64_t len, Vec* acc, float* sum) {
+  if (ti == tj) {
+    if (sum != nullptr && ti == 0) {
+      AnyTile<true, kStoreSum>(r, c, a, b, len, acc, sum);
+    } else {
+      AnyTile<true, kNoSum>(r, c, a, b, len, acc, sum);
+    }
+  } else if (sum != nullptr && ti == 0) {
+    AnyTile<false, kAddSum>(r, c, a, b, len, acc, sum);
+  } else {
+    AnyTile<false, kNoSum>(r, c, a, b, len, acc, sum);
+  }
+}
+
+// g[k * k] = x[k * n] x[k * n]^T; if sum is not null, also
+// sum[n] = sum_r x[r * n] (the column sums, while each block is in cache).
+void Gram(const float* x, int64_t k, int64_t n, float* g, float* sum) {
   const int64_t tiles = (k + kTile - 1) / kTile;
   const int64_t pairs = tiles * tiles;
   // Per upper-triangular tile pair: kTile x kTile vector accumulators, and
@@ -128,7 +162,7 @@ void Gram(const float* x, int64_t k, int64_t n, float* g) {
         for (int r = 0; r < kTile; ++r) {
           for (int c = 0; c < kTile; ++c) {
             const int64_t i = ti * kTile + r, j = tj * kTile + c;
-            if (i < k && j < k) sums[i * k + j] += static_cast<double>(HorizontalSum(tile[r * kTile + c]));
+            if (i < k && j < k && i <= j) sums[i * k + j] += static_cast<double>(HorizontalSum(tile[r * kTile + c]));
             tile[r * kTile + c] = Vec{};
           }
         }
@@ -144,12 +178,21 @@ void Gram(const float* x, int64_t k, int64_t n, float* g) {
       for (int64_t tj = ti; tj < tiles; ++tj) {
         const int c = static_cast<int>(std::min<int64_t>(kTile, k - tj * kTile));
         for (int q = 0; q < c; ++q) b[q] = x + (tj * kTile + q) * n + start;
-        AnyTile(r, c, a.data(), b.data(), len, &acc[(ti * tiles + tj) * kTile * kTile]);
+        TilePair(ti, tj, r, c, a.data(), b.data(), len,
+                 &acc[(ti * tiles + tj) * kTile * kTile],
+                 sum == nullptr ? nullptr : sum + start);
       }
     }
     if (++blocks % kFlush == 0) flush();
   }
   flush();
+  if (sum != nullptr) {
+    for (int64_t t = full; t < n; ++t) {
+      float s = 0.0f;
+      for (int64_t r = 0; r < k; ++r) s += x[r * n + t];
+      sum[t] = s;
+    }
+  }
   for (int64_t i = 0; i < k; ++i) {  // columns past the last whole vector
     for (int64_t j = i; j < k; ++j) {
       float s = 0.0f;
@@ -159,6 +202,97 @@ void Gram(const float* x, int64_t k, int64_t n, float* g) {
       g[j * k + i] = v;
     }
   }
+}
+
+// out[n] = a0 * sum[n] + sum_{r : coef[r] != 0} coef[r] * x[r * n]. Rows with a
+// zero coefficient are never read (their NaN/Inf cannot leak), nor is sum when
+// a0 is zero. Columns are processed in blocks that keep out in L1 while the
+// rows are added one after another.
+void Combine(const float* x, int64_t k, int64_t n, const float* sum,
+             const float* coef, float a0, float* out) {
+  std::vector<int64_t> rows;
+  for (int64_t r = 0; r < k; ++r)
+    if (coef[r] != 0.0f) rows.push_back(r);
+  constexpr int64_t kOutBlock = 2048;
+  for (int64_t start = 0; start < n; start += kOutBlock) {
+    const int64_t end = std::min(n, start + kOutBlock);
+    const int64_t full = start + (end - start) / kLanes * kLanes;
+    if (a0 != 0.0f) {
+      const Vec va = Vec{} + a0;
+      for (int64_t t = start; t < full; t += kLanes) Store(out + t, va * Load(sum + t));
+      for (int64_t t = full; t < end; ++t) out[t] = a0 * sum[t];
+    } else {
+      std::fill(out + start, out + end, 0.0f);
+    }
+    for (int64_t r : rows) {
+      const float c = coef[r];
+      const Vec vc = Vec{} + c;
+      const float* xr = x + r * n;
+      for (int64_t t = start; t < full; t += kLanes)
+        Store(out + t, Load(out + t) + vc * Load(xr + t));
+      for (int64_t t = full; t < end; ++t) out[t] += c * xr[t];
+    }
+  }
+}
+
+// Leading dimensions of x beyond the last two are a batch (from vmap).
+template <typename Dims>
+int64_t BatchSize(const Dims& dims) {
+  int64_t batch = 1;
+  for (size_t d = 0; d + 2 < dims.size(); ++d) batch *= dims[d];
+  return batch;
+}
+
+ffi::Error GramSumImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> g,
+                       ffi::ResultBuffer<ffi::F32> s) {
+  const auto dims = x.dimensions();
+  if (dims.size() < 2) {
+    return ffi::Error::InvalidArgument("optax_gaf gram_sum: input must have rank >= 2");
+  }
+  const int64_t k = dims[dims.size() - 2];
+  const int64_t n = dims[dims.size() - 1];
+  const int64_t batch = BatchSize(dims);
+  const float* in = x.typed_data();
+  try {
+    for (int64_t b = 0; b < batch; ++b) {
+      float* gb = g->typed_data() + b * k * k;
+      float* sb = s->typed_data() + b * n;
+      if (n == 0) {
+        std::fill(gb, gb + k * k, 0.0f);
+      } else {
+        Gram(in + b * k * n, k, n, gb, sb);
+      }
+    }
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("optax_gaf gram_sum: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error CombineImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> sum,
+                       ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::F32> a0,
+                       ffi::ResultBuffer<ffi::F32> out) {
+  const auto dims = x.dimensions();
+  if (dims.size() < 2) {
+    return ffi::Error::InvalidArgument("optax_gaf combine: input must have rank >= 2");
+  }
+  const int64_t k = dims[dims.size() - 2];
+  const int64_t n = dims[dims.size() - 1];
+  const int64_t batch = BatchSize(dims);
+  if (sum.element_count() != static_cast<size_t>(batch * n) ||
+      coef.element_count() != static_cast<size_t>(batch * k) ||
+      a0.element_count() != static_cast<size_t>(batch)) {
+    return ffi::Error::InvalidArgument("optax_gaf combine: operand sizes disagree");
+  }
+  try {
+    for (int64_t b = 0; b < batch; ++b) {
+      Combine(x.typed_data() + b * k * n, k, n, sum.typed_data() + b * n,
+              coef.typed_data() + b * k, a0.typed_data()[b], out->typed_data() + b * n);
+    }
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("optax_gaf combine: ") + e.what());
+  }
+  return ffi::Error::Success();
 }
 
 ffi::Error GramImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> g) {
@@ -177,7 +311,7 @@ ffi::Error GramImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> g) {
       if (n == 0) {
         std::fill(out + b * k * k, out + (b + 1) * k * k, 0.0f);
       } else {
-        Gram(in + b * k * n, k, n, out + b * k * k);
+        Gram(in + b * k * n, k, n, out + b * k * k, nullptr);
       }
     }
   } catch (const std::exception& e) {
@@ -191,3 +325,19 @@ ffi::Error GramImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> g) {
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     OptaxGafGramF32, GramImpl,
     ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    OptaxGafGramSumF32, GramSumImpl,
+    ffi::Ffi::Bind()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    OptaxGafCombineF32, CombineImpl,
+    ffi::Ffi::Bind()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::F32>>());

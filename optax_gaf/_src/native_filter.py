@@ -1,0 +1,152 @@
+"""The single-device CPU filter: one pass over the microgradients, not two.
+
+The plain filter reads the K microgradients twice: once for the Gram matrix,
+once for the weighted sum ``sum_i w_i g_i``. Plain averaging reads them once.
+On CPU, where a pass over ``K x P`` floats is bound by memory bandwidth, that
+second pass is most of GAF's cost in a train step.
+
+Here the native kernel computes each leaf's Gram matrix and the plain sum
+``S = sum_i g_i`` in the same pass (``native_gram.gram_and_sum``). The update
+is then written as ``a0 * S + sum_i (w_i - a0) g_i`` with ``a0`` the most
+common weight, and the combine kernel (``native_gram.combine``) reads only
+the rows whose coefficient ``w_i - a0`` is not zero. With
+``combine="mean"`` every accepted microgradient has the same weight, so when
+all agree the update is ``S / K`` and no microgradient is read a second time;
+when r of them are rejected only those r are read. This subtractive form is
+used only when it reads fewer rows than the direct sum, every microgradient
+is finite (so ``S`` is), and its rounding-error bound (from the Gram
+diagonal) is at most three times the direct sum's; otherwise the update is the
+direct ``sum_i w_i g_i`` over the nonzero weights only. Either way rows with
+zero weight are never read, so dropped NaN/Inf cannot leak into the update.
+
+Used for float32 microgradients on single-device CPU runs when the native
+kernel is available (the same conditions as the native Gram matrix).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from optax_gaf._src import agreement as agreement_lib
+from optax_gaf._src import base
+from optax_gaf._src import native_gram
+
+# The subtractive form is used only if its error bound is at most this many
+# times the direct weighted sum's.
+_MAX_ERROR_RATIO = 3.0
+
+
+def applicable(grads: base.MicroGrads) -> bool:
+  """Whether :func:`filter_microgradients` runs natively for these gradients."""
+  leaves = jax.tree.leaves(grads)
+  return (bool(leaves) and all(jnp.result_type(x) == jnp.float32 for x in leaves)
+          and jax.default_backend() == "cpu" and jax.device_count() == 1
+          and native_gram.available())
+
+
+def filter_microgradients(
+    grads: base.MicroGrads, tau: jax.Array, combine: base.Combine
+) -> tuple[base.Updates, agreement_lib.Agreement]:
+  """``transform.filter_microgradients`` in one pass (see the module docstring).
+
+  Args:
+    grads: float32 microgradients with a leading axis K (validated).
+    tau: threshold at this step.
+    combine: fold rule.
+
+  Returns:
+    ``(filtered, agreement)`` as ``transform.filter_microgradients``.
+  """
+  leaves, treedef = jax.tree.flatten(grads)
+  mats = [jnp.reshape(x, (x.shape[0], -1)) for x in leaves]
+  grams, sums = zip(*(_gram_and_sum(m) for m in mats))
+  gram = functools.reduce(jnp.add, grams)
+  agreement = agreement_lib.agreement_weights(gram, tau, combine)
+  coef, a0 = split_weights(agreement.weights, agreement.finite, jnp.diagonal(gram))
+  outs = [jnp.reshape(_combine(m, s, coef, a0), x.shape[1:])
+          for m, s, x in zip(mats, sums, leaves)]
+  return jax.tree.unflatten(treedef, outs), agreement
+
+
+def split_weights(
+    weights: jax.Array, finite: jax.Array, sq_norms: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """Writes ``sum_i w_i g_i`` as ``a0 * sum_i g_i + sum_i coef_i g_i``.
+
+  Args:
+    weights: ``[K]`` filter weights (zero for rejected and dropped ones).
+    finite: ``[K]`` mask of finite microgradients.
+    sq_norms: ``[K]`` squared norms (the Gram diagonal).
+
+  Returns:
+    ``(coef, a0)``: float32 ``[K]`` and scalar. Either ``a0`` is the most
+    common nonzero weight and ``coef = w - a0`` (the subtractive form), or
+    ``a0 = 0`` and ``coef = w``, whichever reads fewer microgradients, subject
+    to the conditions in the module docstring.
+  """
+  w = weights.astype(jnp.float32)
+  nonzero = w != 0
+  same = (w[:, None] == w[None, :]) & nonzero[:, None] & nonzero[None, :]
+  common = w[jnp.argmax(jnp.sum(same, axis=1))]
+  norms = jnp.sqrt(jnp.where(finite, sq_norms, 0).astype(jnp.float32))
+  reads_subtractive = jnp.sum(w != common) + 1  # + the sum S
+  reads_direct = jnp.sum(nonzero)
+  bound_subtractive = common * jnp.sum(norms) + jnp.sum(jnp.abs(w - common) * norms)
+  bound_direct = jnp.sum(jnp.abs(w) * norms)
+  subtract = (jnp.all(finite) & (common != 0) & (reads_subtractive < reads_direct)
+              & (bound_subtractive <= _MAX_ERROR_RATIO * bound_direct))
+  a0 = jnp.where(subtract, common, 0.0)
+  coef = jnp.where(finite, w - a0, 0.0)
+  return coef, a0
+
+
+@jax.custom_jvp
+def _gram_and_sum(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(x @ x.T, sum(x, 0))`` of a float32 ``[K, n]`` leaf in one pass on CPU."""
+  return lax.platform_dependent(
+      x, cpu=native_gram.gram_and_sum, default=lambda x: (_dot(x, x), jnp.sum(x, axis=0)))
+
+
+@_gram_and_sum.defjvp
+def _gram_and_sum_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  cross = _dot(dx, x)
+  return _gram_and_sum(x), (cross + cross.T, jnp.sum(dx, axis=0))
+
+
+@jax.custom_jvp
+def _combine(x: jax.Array, total: jax.Array, coef: jax.Array, a0: jax.Array) -> jax.Array:
+  """``a0 * total + sum_{coef_i != 0} coef_i x_i``; the kernel skips unused rows."""
+  return lax.platform_dependent(
+      x, total, coef, a0, cpu=native_gram.combine, default=_combine_xla)
+
+
+def _combine_xla(x, total, coef, a0):
+  out = jnp.where(a0 != 0, a0 * total, 0.0)
+  for i in range(x.shape[0]):
+    out = out + jnp.where(coef[i] != 0, coef[i] * x[i], 0.0)
+  return out
+
+
+@_combine.defjvp
+def _combine_jvp(primals, tangents):
+  x, total, coef, a0 = primals
+  dx, dtotal, dcoef, da0 = tangents
+  # Rows that are not finite have zero coefficients and must stay out of the
+  # tangent too (0 * nan = nan); ``a0`` is nonzero only when all are finite.
+  rows = jnp.all(jnp.isfinite(x), axis=1)
+  dx = jnp.where(rows[:, None], dx, 0.0)
+  xs = jnp.where(rows[:, None], x, 0.0)
+  dout = jnp.where(a0 != 0, da0 * total + a0 * dtotal, 0.0)
+  dout = dout + jnp.dot(dcoef, xs, precision=lax.Precision.HIGHEST)
+  dout = dout + jnp.dot(coef, dx, precision=lax.Precision.HIGHEST)
+  return _combine(x, total, coef, a0), dout
+
+
+def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
+                         preferred_element_type=jnp.float32)

@@ -1,0 +1,243 @@
+"""The one-pass CPU filter (native_filter.py) and its two kernels."""
+
+import os
+from unittest import mock
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_gaf
+from optax_gaf._src import native_filter
+from optax_gaf._src import native_gram
+from tests import reference as ref_lib
+
+needs_kernel = pytest.mark.skipif(
+    not native_gram.available(),
+    reason=f"native Gram kernel unavailable: {native_gram._STATE.get('error')}")
+
+SHAPES = [(30, 40), (40,), (7, 3, 3)]
+
+
+def _f64(x):
+  return np.asarray(x, np.float64)
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 8, 9, 16])
+@pytest.mark.parametrize("n", [0, 1, 17, 8192, 8209, 140_000])
+def test_gram_and_sum_equal_float64_and_the_gram_kernel(k, n):
+  # 140_000 columns cross a float64 flush (16 blocks of 8192).
+  x = np.random.default_rng(k * 7919 + n).standard_normal((k, n)).astype(np.float32)
+  g, s = jax.jit(native_gram.gram_and_sum)(x)
+  exact = _f64(x) @ _f64(x).T
+  np.testing.assert_allclose(g, exact, rtol=2e-6, atol=2e-6 * max(1.0, np.abs(exact).max()))
+  np.testing.assert_allclose(s, _f64(x).sum(0), rtol=1e-5, atol=1e-5 * k)
+  # The sums ride along the same tiles: the Gram matrix is bit-identical.
+  np.testing.assert_array_equal(g, native_gram.gram(x))
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [5, 2048, 2049, 40_000])
+def test_combine_equals_float64_and_never_reads_unused_rows(n):
+  rng = np.random.default_rng(n)
+  x = rng.standard_normal((6, n)).astype(np.float32)
+  total = x.sum(0)
+  coef = np.array([0.5, 0, -1.25, 0, 0, 2.0], np.float32)
+  for a0 in (0.0, 0.3):
+    y = jax.jit(native_gram.combine)(x, total, coef, np.float32(a0))
+    np.testing.assert_allclose(y, a0 * _f64(total) + coef @ _f64(x), rtol=1e-5, atol=1e-5)
+  # NaN/Inf in rows with a zero coefficient, and in the total when a0 == 0,
+  # are never read: they cannot leak through 0 * nan.
+  x[1, :] = np.nan
+  x[3, n // 2] = np.inf
+  y = native_gram.combine(x, np.full(n, np.nan, np.float32), coef, np.float32(0.0))
+  np.testing.assert_allclose(y, coef[[0, 2, 5]] @ _f64(x[[0, 2, 5]]), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_kernels_under_vmap():
+  rng = np.random.default_rng(1)
+  xb = rng.standard_normal((3, 5, 1000)).astype(np.float32)
+  g, s = jax.jit(jax.vmap(native_gram.gram_and_sum))(xb)
+  np.testing.assert_allclose(g, np.einsum("bkn,bjn->bkj", _f64(xb), _f64(xb)), rtol=1e-5)
+  np.testing.assert_allclose(s, _f64(xb).sum(1), rtol=1e-5, atol=1e-4)
+  coef = rng.standard_normal((3, 5)).astype(np.float32)
+  y = jax.jit(jax.vmap(native_gram.combine, in_axes=(0, 0, 0, None)))(
+      xb, s, coef, np.float32(0.5))
+  np.testing.assert_allclose(
+      y, 0.5 * _f64(s) + np.einsum("bk,bkn->bn", coef, _f64(xb)), rtol=1e-5, atol=1e-4)
+
+
+def _split(w, finite=None, sq_norms=None):
+  w = jnp.asarray(w, jnp.float32)
+  finite = jnp.ones(w.shape, bool) if finite is None else jnp.asarray(finite)
+  sq_norms = jnp.ones(w.shape) if sq_norms is None else jnp.asarray(sq_norms, jnp.float32)
+  coef, a0 = native_filter.split_weights(w, finite, sq_norms)
+  return np.asarray(coef), float(a0)
+
+
+def test_split_weights_reads_the_fewest_rows():
+  # All 8 agree (mean): the update is S / 8, no row is read again.
+  coef, a0 = _split(np.full(8, 1 / 8))
+  assert a0 == np.float32(1 / 8) and not coef.any()
+  # Six of eight agree: S / 6 minus the two rejected (3 reads < 6).
+  w = np.array([1, 1, 0, 1, 1, 0, 1, 1]) / 6
+  coef, a0 = _split(w)
+  assert a0 == np.float32(1 / 6)
+  np.testing.assert_array_equal(coef, np.float32(-1 / 6) * (w == 0))
+  # Half agree: the direct sum reads 4 rows, the subtractive form 5.
+  w = np.array([1, 0, 0, 1, 1, 0, 0, 1]) / 4
+  coef, a0 = _split(w)
+  assert a0 == 0 and np.array_equal(coef, w.astype(np.float32))
+  # A skip reads nothing.
+  coef, a0 = _split(np.zeros(4))
+  assert a0 == 0 and not coef.any()
+  # Pairwise weights (1/8, 1/8, 1/4, 1/2): the common weight is 1/8.
+  coef, a0 = _split([1 / 8, 1 / 8, 1 / 4, 1 / 2])
+  assert a0 == 1 / 8 and np.array_equal(coef, np.float32([0, 0, 1 / 8, 3 / 8]))
+
+
+def test_split_weights_falls_back_to_the_direct_sum_when_unsafe():
+  w = np.array([1, 1, 1, 0]) / 3
+  # A non-finite microgradient makes S non-finite.
+  coef, a0 = _split(w, finite=[True, True, True, False])
+  assert a0 == 0 and np.array_equal(coef, w.astype(np.float32))
+  # A rejected outlier 100x longer than the rest: subtracting it from S would
+  # cost ~100x the rounding error of summing the three accepted ones.
+  coef, a0 = _split(w, sq_norms=[1, 1, 1, 1e4])
+  assert a0 == 0 and np.array_equal(coef, w.astype(np.float32))
+  # The same weights with comparable norms do use S.
+  coef, a0 = _split(w, sq_norms=[1, 2, 1, 3])
+  assert a0 == np.float32(1 / 3)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_split_weights_is_an_identity(seed):
+  # a0 * sum_i g_i + sum_i coef_i g_i == sum_i w_i g_i for any weights.
+  rng = np.random.default_rng(seed)
+  k = int(rng.integers(2, 12))
+  w = rng.choice([0.0, 0.25, 0.5, 1 / 3], size=k)
+  coef, a0 = _split(w, sq_norms=rng.uniform(0.5, 2, k))
+  np.testing.assert_allclose(a0 + coef, w, rtol=1e-6, atol=1e-7)
+
+
+def _agreeing(rng, k, rejected, outlier=1.0):
+  """K microgradients: ``rejected`` of them point against the others."""
+  grads = ref_lib.correlated_micrograds(rng, k, SHAPES, 0.9, 0.2)
+  for i in rejected:
+    grads = jax.tree.map(lambda x: x.copy(), grads)
+    for leaf in grads.values():
+      leaf[i] *= -outlier
+  return grads
+
+
+def _mode(grads, tau, combine):
+  gram = optax_gaf.gram_matrix(grads)
+  ag = optax_gaf.agreement_weights(gram, tau, combine)
+  _, a0 = native_filter.split_weights(ag.weights, ag.finite, jnp.diagonal(gram))
+  return "subtractive" if float(a0) else "direct"
+
+
+@needs_kernel
+@pytest.mark.parametrize("combine", ["mean", "pairwise"])
+@pytest.mark.parametrize("case, rejected, outlier, mode", [
+    ("all agree", [], 1.0, "subtractive"),
+    ("one rejected", [5], 1.0, "subtractive"),
+    ("half rejected", [1, 2, 4, 6], 1.0, "direct"),
+    ("rejected outlier", [3], 300.0, "direct"),
+])
+def test_gaf_update_equals_the_float64_oracle(combine, case, rejected, outlier, mode):
+  grads = _agreeing(np.random.default_rng(len(case)), 8, rejected, outlier)
+  tau = 1.0
+  want, ref = ref_lib.gaf_reference_tree(grads, tau, combine)
+  assert ref_lib.decision_margin(ref, tau) > 1e-3
+  assert list(np.flatnonzero(~ref.accepted)) == rejected
+  if combine == "mean":  # pairwise weights differ, so it mostly sums directly
+    assert _mode(grads, tau, combine) == mode
+  gaf = optax_gaf.gaf(tau, combine=combine)
+  hlo = jax.jit(lambda g: gaf.update(g, gaf.init(None))[0]).lower(grads).as_text()
+  assert native_gram.GRAM_SUM_TARGET in hlo and native_gram.COMBINE_TARGET in hlo
+  got = jax.jit(lambda g: gaf.update(g, gaf.init(None))[0])(grads)
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_nan_microgradient_is_dropped_and_skips_read_nothing():
+  grads = _agreeing(np.random.default_rng(5), 6, [])
+  grads["p0"][2, 3, 4] = np.nan
+  gaf = optax_gaf.gaf(1.0)
+  got, state = jax.jit(gaf.update)(grads, gaf.init(None))
+  assert not bool(state.finite[2]) and int(state.num_accepted) == 5
+  want, _ = ref_lib.gaf_reference_tree(grads, 1.0, "mean")
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+  # Nothing agrees with the reference: a skip, all zeros.
+  grads = _agreeing(np.random.default_rng(6), 3, [1, 2])
+  got, state = jax.jit(gaf.update)(grads, gaf.init(None))
+  assert bool(state.skipped)
+  for leaf in jax.tree.leaves(got):
+    assert not np.asarray(leaf).any()
+
+
+def _xla_path(fn):
+  with mock.patch.dict(os.environ, {"OPTAX_GAF_NATIVE_GRAM": "0"}):
+    jax.clear_caches()
+    out = fn()
+  jax.clear_caches()
+  return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("rejected", [[], [2], [1, 2, 3]])
+def test_derivatives_match_the_xla_path(rejected):
+  grads = jax.tree.map(jnp.asarray, _agreeing(np.random.default_rng(7), 5, rejected))
+  gaf = optax_gaf.gaf(1.0)
+  probe = jax.tree.map(lambda x: jnp.cos(jnp.arange(x[0].size).reshape(x.shape[1:])), grads)
+
+  def loss(g):
+    u = gaf.update(g, gaf.init(None))[0]
+    return sum(jnp.sum(a * b) for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(probe)))
+
+  def both():
+    return (jax.jit(jax.grad(loss))(grads),
+            jax.jit(lambda g, t: jax.jvp(loss, (g,), (t,))[1])(grads, probe_like(grads)))
+
+  def probe_like(g):
+    return jax.tree.map(lambda x: jnp.sin(jnp.arange(x.size).reshape(x.shape)), g)
+
+  native = both()
+  xla = _xla_path(both)
+  chex.assert_trees_all_close(native, xla, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_vmap_and_with_gaf_train_step():
+  rng = np.random.default_rng(8)
+  batch = [_agreeing(rng, 4, r) for r in ([], [3], [1, 2, 3])]
+  stacked = jax.tree.map(lambda *xs: np.stack(xs), *batch)
+  gaf = optax_gaf.gaf(1.0)
+  got = jax.jit(jax.vmap(lambda g: gaf.update(g, gaf.init(None))[0]))(stacked)
+  for i, g in enumerate(batch):
+    want, _ = ref_lib.gaf_reference_tree(g, 1.0, "mean")
+    chex.assert_trees_all_close(jax.tree.map(lambda x: x[i], got), want, rtol=1e-5, atol=1e-6)
+  opt = optax_gaf.with_gaf(optax.sgd(0.1, momentum=0.9), 1.0, num_microbatches=4)
+  params = jax.tree.map(lambda x: jnp.zeros(x.shape[1:]), batch[0])
+  state = opt.init(params)
+  step = jax.jit(lambda p, s, g: opt.update(g, s, p))
+  for g in batch:
+    updates, state = step(params, state, g)
+    params = optax.apply_updates(params, updates)
+  assert int(state.gaf_state.num_skipped) == 1  # the last one: nothing agreed
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_applicability():
+  f32 = {"w": jnp.ones((4, 3))}
+  assert native_filter.applicable(f32) == native_gram.available()
+  assert not native_filter.applicable({"w": jnp.ones((4, 3)), "b": jnp.ones((4, 3), jnp.bfloat16)})
+  assert not native_filter.applicable({})
+  with mock.patch.dict(os.environ, {"OPTAX_GAF_NATIVE_GRAM": "0"}):
+    assert not native_filter.applicable(f32)
