@@ -13,7 +13,13 @@ of ``bench_filter.py``) times, interleaved in one process:
 * ``gram_mulreduce``: the earlier path, a fused multiply-reduce over 64-column
   chunks for leaves of >= 8 MiB, one product for the others;
 * ``wsum``: the weighted sum ``sum_i w_i g_i`` with the NaN mask;
-* ``gaf``: the whole jitted ``gaf`` update.
+* ``gram_sum``: the one-pass filter's first pass (``native_filter.py``): each
+  leaf's Gram matrix and column sum S from the native kernel;
+* ``combine_all``: its second pass when all K agree (``S / K``, no
+  microgradient read);
+* ``combine_half``: its second pass when half agree (those K/2 read);
+* ``gaf``: the whole jitted ``gaf`` update (all K agree here; see
+  ``bench_filter.py --scenario`` for the other cases).
 
 With ``--single-leaves`` it instead times three Gram strategies on one
 ``[K, n]`` leaf over a range of sizes (what sets ``gram._BLOCKED_MIN_BYTES``):
@@ -67,6 +73,7 @@ def main(argv=None) -> int:
   import optax_gaf
   from optax_gaf._src import combine as combine_lib
   from optax_gaf._src import gram as gram_lib
+  from optax_gaf._src import native_filter
 
   gaf = optax_gaf.gaf(1.0)
 
@@ -88,6 +95,12 @@ def main(argv=None) -> int:
           else gram_lib._dot(as_matrix(x), as_matrix(x), jnp.float32)
           for x in jax.tree.leaves(g))),
       "wsum": jax.jit(lambda g, w, f: combine_lib.weighted_sum(w, g, f)),
+      "gram_sum": jax.jit(lambda g: [native_filter._gram_and_sum(as_matrix(x))
+                                     for x in jax.tree.leaves(g)]),
+      "combine_all": jax.jit(lambda g, s, c, a: [native_filter._combine(as_matrix(x), t, c, a)
+                                                 for x, t in zip(jax.tree.leaves(g), s)]),
+      "combine_half": jax.jit(lambda g, s, c, a: [native_filter._combine(as_matrix(x), t, c, a)
+                                                  for x, t in zip(jax.tree.leaves(g), s)]),
       "gaf": jax.jit(lambda g, s: gaf.update(g, s)[0]),
   }
   columns = ["P", "K", "mean ms"] + [f"{name}/mean" for name in fns if name != "mean"]
@@ -102,6 +115,8 @@ def main(argv=None) -> int:
       w = jnp.full((k,), 1 / k)
       finite = jnp.ones((k,), bool)
       state = gaf.init(None)
+      sums = [jnp.sum(as_matrix(x), axis=0) for x in jax.tree.leaves(grads)]
+      half = jnp.where(jnp.arange(k) % 2 == 0, 2 / k, 0.0)
       calls = {
           "mean": lambda: fns["mean"](grads),
           "gram": lambda: fns["gram"](grads),
@@ -109,6 +124,9 @@ def main(argv=None) -> int:
           "gram_dot": lambda: fns["gram_dot"](grads),
           "gram_mulreduce": lambda: fns["gram_mulreduce"](grads),
           "wsum": lambda: fns["wsum"](grads, w, finite),
+          "gram_sum": lambda: fns["gram_sum"](grads),
+          "combine_all": lambda: fns["combine_all"](grads, sums, jnp.zeros((k,)), 1 / k),
+          "combine_half": lambda: fns["combine_half"](grads, sums, half, 0.0),
           "gaf": lambda: fns["gaf"](grads, state),
       }
       t = _common.time_interleaved(calls, warmup=2, repeats=args.repeats)

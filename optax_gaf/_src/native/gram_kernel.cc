@@ -212,32 +212,39 @@ void Gram(const float* x, int64_t k, int64_t n, float* g, float* sum) {
 
 // out[n] = a0 * sum[n] + sum_{r : coef[r] != 0} coef[r] * x[r * n]. Rows with a
 // zero coefficient are never read (their NaN/Inf cannot leak), nor is sum when
-// a0 is zero. Columns are processed in blocks that keep out in L1 while the
-// rows are added one after another.
+// a0 is zero. Each output vector is made in a register from all the rows it
+// needs (one sequential stream per row, each output written once).
 void Combine(const float* x, int64_t k, int64_t n, const float* sum,
              const float* coef, float a0, float* out) {
-  std::vector<int64_t> rows;
-  for (int64_t r = 0; r < k; ++r)
-    if (coef[r] != 0.0f) rows.push_back(r);
-  constexpr int64_t kOutBlock = 2048;
-  for (int64_t start = 0; start < n; start += kOutBlock) {
-    const int64_t end = std::min(n, start + kOutBlock);
-    const int64_t full = start + (end - start) / kLanes * kLanes;
-    if (a0 != 0.0f) {
-      const Vec va = Vec{} + a0;
-      for (int64_t t = start; t < full; t += kLanes) Store(out + t, va * Load(sum + t));
-      for (int64_t t = full; t < end; ++t) out[t] = a0 * sum[t];
-    } else {
-      std::fill(out + start, out + end, 0.0f);
+  std::vector<const float*> rows;
+  std::vector<float> coefs;
+  if (a0 != 0.0f) {
+    rows.push_back(sum);
+    coefs.push_back(a0);
+  }
+  for (int64_t r = 0; r < k; ++r) {
+    if (coef[r] != 0.0f) {
+      rows.push_back(x + r * n);
+      coefs.push_back(coef[r]);
     }
-    for (int64_t r : rows) {
-      const float c = coef[r];
-      const Vec vc = Vec{} + c;
-      const float* xr = x + r * n;
-      for (int64_t t = start; t < full; t += kLanes)
-        Store(out + t, Load(out + t) + vc * Load(xr + t));
-      for (int64_t t = full; t < end; ++t) out[t] += c * xr[t];
-    }
+  }
+  const size_t m = rows.size();
+  const int64_t full = n - n % kLanes;
+  if (m == 0) {
+    std::fill(out, out + n, 0.0f);
+    return;
+  }
+  std::vector<Vec> vcoefs(m);
+  for (size_t i = 0; i < m; ++i) vcoefs[i] = Vec{} + coefs[i];
+  for (int64_t t = 0; t < full; t += kLanes) {
+    Vec acc = vcoefs[0] * Load(rows[0] + t);
+    for (size_t i = 1; i < m; ++i) acc += vcoefs[i] * Load(rows[i] + t);
+    Store(out + t, acc);
+  }
+  for (int64_t t = full; t < n; ++t) {
+    float acc = coefs[0] * rows[0][t];
+    for (size_t i = 1; i < m; ++i) acc += coefs[i] * rows[i][t];
+    out[t] = acc;
   }
 }
 
