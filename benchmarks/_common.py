@@ -74,6 +74,13 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int = 2,
   Interleaving makes a burst of load from other processes hit all contenders
   alike, so the ratios are steadier than the absolute times.
   """
+  times = time_interleaved_all(fns, warmup=warmup, repeats=repeats, block=block)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def time_interleaved_all(fns: dict[str, Callable[[], Any]], *, warmup: int = 2,
+                         repeats: int = 10, block=None) -> dict[str, list[float]]:
+  """Like :func:`time_interleaved`, but every call's seconds."""
   if block is None:
     import jax
     block = jax.block_until_ready
@@ -86,7 +93,7 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int = 2,
       t0 = time.perf_counter()
       block(fn())
       times[name].append(time.perf_counter() - t0)
-  return {name: statistics.median(t) for name, t in times.items()}
+  return times
 
 
 def page_faults_per_call(fn: Callable[[], Any], calls: int = 5, block=None) -> float:
