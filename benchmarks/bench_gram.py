@@ -88,11 +88,11 @@ def main(argv=None) -> int:
           gram_lib.leaf_products(as_matrix(x), as_matrix(x), jnp.dtype(jnp.float32))
           for x in jax.tree.leaves(g))),
       "gram_dot": jax.jit(lambda g: sum(
-          gram_lib._dot(as_matrix(x), as_matrix(x), jnp.float32)
+          gram_lib.dot(as_matrix(x), as_matrix(x), jnp.float32)
           for x in jax.tree.leaves(g))),
       "gram_mulreduce": jax.jit(lambda g: sum(
           _multiply_reduce_gram(as_matrix(x)) if x.size * 4 >= 8 << 20 and x.size % (64 * x.shape[0]) == 0
-          else gram_lib._dot(as_matrix(x), as_matrix(x), jnp.float32)
+          else gram_lib.dot(as_matrix(x), as_matrix(x), jnp.float32)
           for x in jax.tree.leaves(g))),
       "wsum": jax.jit(lambda g, w, f: combine_lib.weighted_sum(w, g, f)),
       "gram_sum": jax.jit(lambda g: [native_filter._gram_and_sum(as_matrix(x))
@@ -170,7 +170,7 @@ def single_leaves(args) -> int:
   mean = jax.jit(lambda x: jnp.tensordot(jnp.full((x.shape[0],), 1 / x.shape[0], x.dtype), x, 1))
   from optax_gaf._src import native_gram
   fns = {
-      "dot": jax.jit(lambda x: gram_lib._dot(x, x, f32)),
+      "dot": jax.jit(lambda x: gram_lib.dot(x, x, f32)),
       "mulreduce": jax.jit(_multiply_reduce_gram),
       "blocked": jax.jit(lambda x: gram_lib._blocked_products(x, x, f32)),
   }
@@ -211,7 +211,7 @@ def _alternative_grams():
   from jax import lax
   from optax_gaf._src import gram as gram_lib
   f32 = jnp.dtype(jnp.float32)
-  dot = lambda a, b: gram_lib._dot(a, b, f32)
+  dot = lambda a, b: gram_lib.dot(a, b, f32)
 
   def row_halves(x):  # 3 of the 4 (K/2 x K/2) blocks: 3/4 of the multiply-adds
     h = x.shape[0] // 2

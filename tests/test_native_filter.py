@@ -27,7 +27,7 @@ def _f64(x):
 
 
 @needs_kernel
-@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 8, 9, 16])
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 8, 9, 16, 17, 33])
 @pytest.mark.parametrize("n", [0, 1, 17, 8192, 8209, 140_000])
 def test_gram_and_sum_equal_float64_and_the_gram_kernel(k, n):
   # 140_000 columns cross a float64 flush (16 blocks of 8192).
@@ -117,12 +117,49 @@ def test_split_weights_falls_back_to_the_direct_sum_when_unsafe():
 
 @pytest.mark.parametrize("seed", range(20))
 def test_split_weights_is_an_identity(seed):
-  # a0 * sum_i g_i + sum_i coef_i g_i == sum_i w_i g_i for any weights.
+  # a0 * sum_i g_i + sum_i coef_i g_i == sum_i w_i g_i for any weights; with a
+  # non-finite row, only the direct form, and that row's coefficient is 0.
   rng = np.random.default_rng(seed)
-  k = int(rng.integers(2, 12))
-  w = rng.choice([0.0, 0.25, 0.5, 1 / 3], size=k)
+  k = int(rng.integers(3, 12))
+  w = rng.choice([0.0, 0.25, 0.25, 0.25, 0.5, 1 / 3], size=k)
   coef, a0 = _split(w, sq_norms=rng.uniform(0.5, 2, k))
   np.testing.assert_allclose(a0 + coef, w, rtol=1e-6, atol=1e-7)
+  if a0:
+    assert np.sum(coef != 0) + 1 < np.sum(w != 0)  # it reads fewer rows
+  finite = np.ones(k, bool)
+  finite[int(rng.integers(k))] = False
+  w = np.where(finite, w, 0.0)
+  coef, a0 = _split(w, finite=finite, sq_norms=rng.uniform(0.5, 2, k))
+  assert a0 == 0 and np.array_equal(coef, w.astype(np.float32))
+
+
+@needs_kernel
+def test_mean_weights_at_large_k_share_s():
+  # The fold's running-mean weights differ in their last bits at large K;
+  # they still count as one weight, so nothing is read twice.
+  grads = _agreeing(np.random.default_rng(11), 64, [])
+  coef, a0 = _split_from(grads, 1.0, "mean")
+  assert a0 != 0 and not coef.any()
+  want, ref = ref_lib.gaf_reference_tree(grads, 1.0, "mean")
+  assert ref.num_accepted == 64
+  gaf = optax_gaf.gaf(1.0)
+  got = jax.jit(lambda g: gaf.update(g, gaf.init(None))[0])(grads)
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("a0", [0.0, 0.3])
+def test_kernel_derivatives_pass_numerical_checks(a0):
+  from jax.test_util import check_grads
+  rng = np.random.default_rng(12)
+  x = jnp.asarray(rng.standard_normal((4, 37)), jnp.float32)
+  total = jnp.sum(x, axis=0)
+  coef = jnp.asarray([0.5, 0.0, -0.25, 1.0], jnp.float32)
+  f = lambda x, t, c, a: native_filter._combine(x, t, c, a)
+  check_grads(f, (x, total, coef, jnp.float32(a0)), order=1, modes=("fwd", "rev"),
+              atol=1e-2, rtol=1e-2, eps=1e-2)
+  check_grads(lambda x: native_filter._gram_and_sum(x), (x,), order=1, modes=("fwd", "rev"),
+              atol=1e-2, rtol=1e-2, eps=1e-2)
 
 
 def _agreeing(rng, k, rejected, outlier=1.0):
@@ -135,11 +172,15 @@ def _agreeing(rng, k, rejected, outlier=1.0):
   return grads
 
 
-def _mode(grads, tau, combine):
+def _split_from(grads, tau, combine):
   gram = optax_gaf.gram_matrix(grads)
   ag = optax_gaf.agreement_weights(gram, tau, combine)
-  _, a0 = native_filter.split_weights(ag.weights, ag.finite, jnp.diagonal(gram))
-  return "subtractive" if float(a0) else "direct"
+  coef, a0 = native_filter.split_weights(ag.weights, ag.finite, jnp.diagonal(gram))
+  return np.asarray(coef), float(a0)
+
+
+def _mode(grads, tau, combine):
+  return "subtractive" if _split_from(grads, tau, combine)[1] else "direct"
 
 
 @needs_kernel

@@ -81,7 +81,7 @@ def num_microbatches(
   return k
 
 
-def _as_matrix(leaf: jax.Array) -> jax.Array:
+def as_matrix(leaf: jax.Array) -> jax.Array:
   """A free ``[K, n]`` view of a ``[K, ...]`` leaf."""
   return jnp.reshape(leaf, (leaf.shape[0], -1))
 
@@ -104,13 +104,10 @@ def gram_matrix(grads: base.MicroGrads) -> jax.Array:
     ``G`` of shape ``[K, K]`` with ``G[i, j] = sum_leaves <g_i, g_j>``.
   """
   acc = tree_accumulation_dtype(grads)
-  # The kernel is opaque to XLA's SPMD partitioner (it would gather sharded
-  # leaves), so it is used on single-device CPU runs only.
-  native = (acc == jnp.float32 and jax.default_backend() == "cpu"
-            and jax.device_count() == 1 and native_gram.available())
+  native = acc == jnp.float32 and native_gram.usable()
   total = None
   for leaf in jax.tree.leaves(grads):
-    x = _as_matrix(leaf)
+    x = as_matrix(leaf)
     if native and x.dtype == jnp.float32:
       g = _native_or_xla_gram(x)
     else:
@@ -135,7 +132,7 @@ def _native_or_xla_gram(x: jax.Array) -> jax.Array:
 @_native_or_xla_gram.defjvp
 def _native_or_xla_gram_jvp(primals, tangents):
   (x,), (dx,) = primals, tangents
-  cross = _dot(dx, x, jnp.dtype(jnp.float32))
+  cross = dot(dx, x, jnp.dtype(jnp.float32))
   return _native_or_xla_gram(x), cross + cross.T
 
 
@@ -153,7 +150,7 @@ def cross_products(grads: base.MicroGrads, other: base.MicroGrads) -> jax.Array:
   acc = jnp.promote_types(tree_accumulation_dtype(grads), tree_accumulation_dtype(other))
   total = None
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(other)):
-    c = leaf_products(_as_matrix(a), _as_matrix(b), acc)
+    c = leaf_products(as_matrix(a), as_matrix(b), acc)
     total = c if total is None else total + c
   return total
 
@@ -191,7 +188,7 @@ def leaf_products(a: jax.Array, b: jax.Array, acc: jnp.dtype) -> jax.Array:
   """
   rows = a.shape[0] + b.shape[0]
   if rows * a.shape[1] * jnp.dtype(acc).itemsize < _BLOCKED_MIN_BYTES:
-    return _dot(a, b, acc)
+    return dot(a, b, acc)
   return _large_products(a, b, jnp.dtype(acc))
 
 
@@ -204,13 +201,13 @@ def _large_products(a: jax.Array, b: jax.Array, acc: jnp.dtype) -> jax.Array:
   """
   return lax.platform_dependent(
       a, b, cpu=functools.partial(_blocked_products, acc=acc),
-      default=functools.partial(_dot, acc=acc))
+      default=functools.partial(dot, acc=acc))
 
 
 @_large_products.defjvp
 def _large_products_jvp(acc, primals, tangents):
   (a, b), (da, db) = primals, tangents
-  return _large_products(a, b, acc), _dot(da, b, acc) + _dot(a, db, acc)
+  return _large_products(a, b, acc), dot(da, b, acc) + dot(a, db, acc)
 
 
 def _blocked_products(a: jax.Array, b: jax.Array, acc: jnp.dtype) -> jax.Array:
@@ -221,18 +218,19 @@ def _blocked_products(a: jax.Array, b: jax.Array, acc: jnp.dtype) -> jax.Array:
 
   def add_block(i, total):
     start = i * c
-    return total + _dot(lax.dynamic_slice_in_dim(a, start, c, axis=1),
+    return total + dot(lax.dynamic_slice_in_dim(a, start, c, axis=1),
                         lax.dynamic_slice_in_dim(b, start, c, axis=1), acc)
 
   # Start from the first block, not from zeros: the carry then has the
   # operands' type, including shard_map's varying manual axes.
-  total = lax.fori_loop(1, blocks, add_block, _dot(a[:, :c], b[:, :c], acc))
+  total = lax.fori_loop(1, blocks, add_block, dot(a[:, :c], b[:, :c], acc))
   if rest:
-    total = total + _dot(a[:, blocks * c:], b[:, blocks * c:], acc)
+    total = total + dot(a[:, blocks * c:], b[:, blocks * c:], acc)
   return total
 
 
-def _dot(a: jax.Array, b: jax.Array, acc: jnp.dtype) -> jax.Array:
+def dot(a: jax.Array, b: jax.Array, acc: jnp.dtype) -> jax.Array:
+  """``a @ b.T`` for ``[Ki, n]`` and ``[Kj, n]`` as one full-precision product in ``acc``."""
   return lax.dot_general(
       a, b, (((1,), (1,)), ((), ())),
       precision=lax.Precision.HIGHEST, preferred_element_type=acc)

@@ -33,19 +33,21 @@ from jax import lax
 
 from optax_gaf._src import agreement as agreement_lib
 from optax_gaf._src import base
+from optax_gaf._src import gram as gram_lib
 from optax_gaf._src import native_gram
 
 # The subtractive form is used only if its error bound is at most this many
 # times the direct weighted sum's.
 _MAX_ERROR_RATIO = 3.0
+# Weights this many float32 epsilons apart (relative) count as equal.
+_SAME_ULPS = 4
 
 
 def applicable(grads: base.MicroGrads) -> bool:
   """Whether :func:`filter_microgradients` runs natively for these gradients."""
   leaves = jax.tree.leaves(grads)
   return (bool(leaves) and all(jnp.result_type(x) == jnp.float32 for x in leaves)
-          and jax.default_backend() == "cpu" and jax.device_count() == 1
-          and native_gram.available())
+          and native_gram.usable())
 
 
 def filter_microgradients(
@@ -62,7 +64,7 @@ def filter_microgradients(
     ``(filtered, agreement)`` as ``transform.filter_microgradients``.
   """
   leaves, treedef = jax.tree.flatten(grads)
-  mats = [jnp.reshape(x, (x.shape[0], -1)) for x in leaves]
+  mats = [gram_lib.as_matrix(x) for x in leaves]
   grams, sums = zip(*(_gram_and_sum(m) for m in mats))
   gram = functools.reduce(jnp.add, grams)
   agreement = agreement_lib.agreement_weights(gram, tau, combine)
@@ -90,17 +92,24 @@ def split_weights(
   """
   w = weights.astype(jnp.float32)
   nonzero = w != 0
-  same = (w[:, None] == w[None, :]) & nonzero[:, None] & nonzero[None, :]
+  # The fold's weights for one count may differ in the last bits at large K;
+  # weights within a few float32 ulps count as one (the resulting change is
+  # below the rounding of the sum itself).
+  tol = _SAME_ULPS * jnp.finfo(jnp.float32).eps
+  same = ((jnp.abs(w[:, None] - w[None, :]) <= tol * jnp.abs(w[None, :]))
+          & nonzero[:, None] & nonzero[None, :])
   common = w[jnp.argmax(jnp.sum(same, axis=1))]
+  shared = jnp.abs(w - common) <= tol * jnp.abs(common)
   norms = jnp.sqrt(jnp.where(finite, sq_norms, 0).astype(jnp.float32))
-  reads_subtractive = jnp.sum(w != common) + 1  # + the sum S
+  reads_subtractive = jnp.sum(~shared) + 1  # + the sum S
   reads_direct = jnp.sum(nonzero)
-  bound_subtractive = common * jnp.sum(norms) + jnp.sum(jnp.abs(w - common) * norms)
+  rest = jnp.where(shared, 0.0, w - common)
+  bound_subtractive = jnp.abs(common) * jnp.sum(norms) + jnp.sum(jnp.abs(rest) * norms)
   bound_direct = jnp.sum(jnp.abs(w) * norms)
   subtract = (jnp.all(finite) & (common != 0) & (reads_subtractive < reads_direct)
               & (bound_subtractive <= _MAX_ERROR_RATIO * bound_direct))
   a0 = jnp.where(subtract, common, 0.0)
-  coef = jnp.where(finite, w - a0, 0.0)
+  coef = jnp.where(subtract, rest, jnp.where(finite, w, 0.0))
   return coef, a0
 
 
@@ -108,13 +117,14 @@ def split_weights(
 def _gram_and_sum(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """``(x @ x.T, sum(x, 0))`` of a float32 ``[K, n]`` leaf in one pass on CPU."""
   return lax.platform_dependent(
-      x, cpu=native_gram.gram_and_sum, default=lambda x: (_dot(x, x), jnp.sum(x, axis=0)))
+      x, cpu=native_gram.gram_and_sum,
+      default=lambda x: (gram_lib.dot(x, x, jnp.dtype(jnp.float32)), jnp.sum(x, axis=0)))
 
 
 @_gram_and_sum.defjvp
 def _gram_and_sum_jvp(primals, tangents):
   (x,), (dx,) = primals, tangents
-  cross = _dot(dx, x)
+  cross = gram_lib.dot(dx, x, jnp.dtype(jnp.float32))
   return _gram_and_sum(x), (cross + cross.T, jnp.sum(dx, axis=0))
 
 
@@ -141,12 +151,9 @@ def _combine_jvp(primals, tangents):
   rows = jnp.all(jnp.isfinite(x), axis=1)
   dx = jnp.where(rows[:, None], dx, 0.0)
   xs = jnp.where(rows[:, None], x, 0.0)
-  dout = jnp.where(a0 != 0, da0 * total + a0 * dtotal, 0.0)
+  # ``total`` is finite whenever ``a0 != 0``; where it is not, the a0 tangent
+  # is taken as zero (a0 is a piecewise-constant choice of the filter).
+  dout = jnp.where(a0 != 0, a0 * dtotal, 0.0) + da0 * jnp.where(jnp.isfinite(total), total, 0.0)
   dout = dout + jnp.dot(dcoef, xs, precision=lax.Precision.HIGHEST)
   dout = dout + jnp.dot(coef, dx, precision=lax.Precision.HIGHEST)
   return _combine(x, total, coef, a0), dout
-
-
-def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
-  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
-                         preferred_element_type=jnp.float32)

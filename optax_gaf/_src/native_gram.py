@@ -140,6 +140,16 @@ def available() -> bool:
     return bool(_STATE["ok"])
 
 
+def usable() -> bool:
+  """Whether traced computations should use the kernels: a single-device CPU
+  run with the kernels :func:`available`.
+
+  They are opaque to XLA's SPMD partitioner (it would gather sharded
+  operands), hence the single device.
+  """
+  return jax.default_backend() == "cpu" and jax.device_count() == 1 and available()
+
+
 def gram(x: jax.Array) -> jax.Array:
   """``x @ swapaxes(x, -1, -2)`` for float32 ``x`` of shape ``[..., K, n]`` (CPU only).
 

@@ -256,30 +256,41 @@ int64_t BatchSize(const Dims& dims) {
   return batch;
 }
 
-ffi::Error GramSumImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> g,
-                       ffi::ResultBuffer<ffi::F32> s) {
+// Gram matrices (and column sums, if sum is not null) of every [K, n] matrix
+// in a batch of them.
+ffi::Error GramBatch(const char* name, ffi::Buffer<ffi::F32>& x, float* g, float* sum) {
   const auto dims = x.dimensions();
   if (dims.size() < 2) {
-    return ffi::Error::InvalidArgument("optax_gaf gram_sum: input must have rank >= 2");
+    return ffi::Error::InvalidArgument(std::string(name) + ": input must have rank >= 2");
   }
   const int64_t k = dims[dims.size() - 2];
   const int64_t n = dims[dims.size() - 1];
   const int64_t batch = BatchSize(dims);
   const float* in = x.typed_data();
-  try {
+  try {  // no C++ exception may cross the FFI boundary
     for (int64_t b = 0; b < batch; ++b) {
-      float* gb = g->typed_data() + b * k * k;
-      float* sb = s->typed_data() + b * n;
-      if (n == 0) {
+      float* gb = g + b * k * k;
+      float* sb = sum == nullptr ? nullptr : sum + b * n;
+      if (n == 0 || k == 0) {
         std::fill(gb, gb + k * k, 0.0f);
+        if (sb != nullptr) std::fill(sb, sb + n, 0.0f);
       } else {
         Gram(in + b * k * n, k, n, gb, sb);
       }
     }
   } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string("optax_gaf gram_sum: ") + e.what());
+    return ffi::Error::Internal(std::string(name) + ": " + e.what());
   }
   return ffi::Error::Success();
+}
+
+ffi::Error GramImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> g) {
+  return GramBatch("optax_gaf gram", x, g->typed_data(), nullptr);
+}
+
+ffi::Error GramSumImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> g,
+                       ffi::ResultBuffer<ffi::F32> s) {
+  return GramBatch("optax_gaf gram_sum", x, g->typed_data(), s->typed_data());
 }
 
 ffi::Error CombineImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> sum,
@@ -304,31 +315,6 @@ ffi::Error CombineImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> sum,
     }
   } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("optax_gaf combine: ") + e.what());
-  }
-  return ffi::Error::Success();
-}
-
-ffi::Error GramImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> g) {
-  const auto dims = x.dimensions();
-  if (dims.size() < 2) {
-    return ffi::Error::InvalidArgument("optax_gaf gram: input must have rank >= 2");
-  }
-  const int64_t k = dims[dims.size() - 2];
-  const int64_t n = dims[dims.size() - 1];
-  int64_t batch = 1;
-  for (size_t d = 0; d + 2 < dims.size(); ++d) batch *= dims[d];
-  const float* in = x.typed_data();
-  float* out = g->typed_data();
-  try {  // no C++ exception may cross the FFI boundary
-    for (int64_t b = 0; b < batch; ++b) {
-      if (n == 0) {
-        std::fill(out + b * k * k, out + (b + 1) * k * k, 0.0f);
-      } else {
-        Gram(in + b * k * n, k, n, out + b * k * k, nullptr);
-      }
-    }
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string("optax_gaf gram: ") + e.what());
   }
   return ffi::Error::Success();
 }
