@@ -41,7 +41,7 @@ def test_gram_and_sum_equal_float64_and_the_gram_kernel(k, n):
 
 
 @needs_kernel
-@pytest.mark.parametrize("n", [5, 2048, 2049, 40_000])
+@pytest.mark.parametrize("n", [5, 2048, 2049, 40_000, 140_000])
 def test_combine_equals_float64_and_never_reads_unused_rows(n):
   rng = np.random.default_rng(n)
   x = rng.standard_normal((6, n)).astype(np.float32)

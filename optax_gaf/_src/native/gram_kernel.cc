@@ -11,8 +11,14 @@
 // S = sum_r x_r (GramSum), and Combine writes a0 * S + sum_r coef_r x_r
 // reading only the rows with a nonzero coefficient (see native_filter.py).
 //
+// Threads: matrices of at least 2 x 65536 columns are split into column
+// ranges run on XLA's intra-op thread pool (one range per thread), so a
+// multi-core run shares the arithmetic; with one thread (or a smaller leaf)
+// everything runs on the calling thread.
+//
 // Numerics: float32 products, float32 vector partial sums over kFlush blocks,
-// then a double-precision running sum; the result is rounded to float32 and
+// then a double-precision running sum per column range, the ranges' sums
+// added in a fixed order; the result is rounded to float32 and
 // mirrored, so G is exactly symmetric. NaN/Inf propagate as in a plain dot
 // product (no fast-math).
 //
@@ -20,9 +26,14 @@
 // headers; see that file.
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -150,17 +161,63 @@ inline void TilePair(int64_t ti, int64_t tj, int r, int c, const float* const* a
   }
 }
 
-// g[k * k] = x[k * n] x[k * n]^T; if sum is not null, also
-// sum[n] = sum_r x[r * n] (the column sums, while each block is in cache).
-void Gram(const float* x, int64_t k, int64_t n, float* g, float* sum) {
+// Runs fn(0), ..., fn(shares - 1), on XLA's intra-op thread pool when it has
+// more than one thread. The calling thread takes shares too and only waits for
+// shares other threads have already started, so it cannot deadlock on a busy
+// pool; tasks that start after all shares are taken return at once (the state
+// they touch is shared-owned). Returns false if any share threw.
+bool ParallelFor(ffi::ThreadPool* pool, int64_t shares,
+                 const std::function<void(int64_t)>& fn) {
+  const int64_t threads = pool == nullptr ? 1 : pool->num_threads();
+  if (shares <= 1 || threads <= 1) {
+    for (int64_t i = 0; i < shares; ++i) fn(i);
+    return true;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    int64_t shares = 0;
+    int64_t done = 0;
+    bool failed = false;
+    std::mutex mu;
+    std::condition_variable cv;
+    const std::function<void(int64_t)>* fn = nullptr;
+  };
+  auto state = std::make_shared<State>();
+  state->shares = shares;
+  state->fn = &fn;
+  auto run = [state]() {
+    for (int64_t i = state->next.fetch_add(1); i < state->shares;
+         i = state->next.fetch_add(1)) {
+      bool ok = true;
+      try {
+        (*state->fn)(i);
+      } catch (...) {
+        ok = false;
+      }
+      std::lock_guard<std::mutex> lock(state->mu);
+      state->failed |= !ok;
+      if (++state->done == state->shares) state->cv.notify_all();
+    }
+  };
+  const int64_t helpers = std::min(threads, shares) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool->Schedule(decltype(run)(run));
+  run();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done == state->shares; });
+  return !state->failed;
+}
+
+// Upper-triangle inner products (sums[i * k + j], i <= j, added in double) of
+// the whole-vector columns [begin, end) of x[k * n]; if sum is not null, also
+// the column sums sum[begin..end).
+void GramRange(const float* x, int64_t k, int64_t n, int64_t begin, int64_t end,
+               double* sums, float* sum) {
   const int64_t tiles = (k + kTile - 1) / kTile;
   const int64_t pairs = tiles * tiles;
   // Per upper-triangular tile pair: kTile x kTile vector accumulators, and
   // double totals they are flushed into every kFlush blocks (accuracy).
   std::vector<Vec> acc(pairs * kTile * kTile, Vec{});
-  std::vector<double> sums(k * k, 0.0);
   std::vector<const float*> a(kTile), b(kTile);
-  const int64_t full = n - n % kLanes;  // columns covered by whole vectors
   auto flush = [&]() {
     for (int64_t ti = 0; ti < tiles; ++ti) {
       for (int64_t tj = ti; tj < tiles; ++tj) {
@@ -176,8 +233,8 @@ void Gram(const float* x, int64_t k, int64_t n, float* g, float* sum) {
     }
   };
   int64_t blocks = 0;
-  for (int64_t start = 0; start < full; start += kBlock) {
-    const int64_t len = std::min(kBlock, full - start);
+  for (int64_t start = begin; start < end; start += kBlock) {
+    const int64_t len = std::min(kBlock, end - start);
     for (int64_t ti = 0; ti < tiles; ++ti) {
       const int r = static_cast<int>(std::min<int64_t>(kTile, k - ti * kTile));
       for (int q = 0; q < r; ++q) a[q] = x + (ti * kTile + q) * n + start;
@@ -192,6 +249,31 @@ void Gram(const float* x, int64_t k, int64_t n, float* g, float* sum) {
     if (++blocks % kFlush == 0) flush();
   }
   flush();
+}
+
+// Columns per thread share, at least: below this, scheduling costs more than
+// it saves.
+constexpr int64_t kMinShareColumns = 1 << 16;
+
+// g[k * k] = x[k * n] x[k * n]^T; if sum is not null, also
+// sum[n] = sum_r x[r * n] (the column sums, while each block is in cache).
+// Large matrices are split into column ranges run on the thread pool; their
+// double partial sums are added in a fixed order.
+bool Gram(const float* x, int64_t k, int64_t n, float* g, float* sum,
+          ffi::ThreadPool* pool) {
+  const int64_t full = n - n % kLanes;  // columns covered by whole vectors
+  const int64_t vectors = full / kLanes;
+  const int64_t threads = pool == nullptr ? 1 : std::max<int64_t>(1, pool->num_threads());
+  const int64_t shares = std::max<int64_t>(
+      1, std::min<int64_t>(threads, full / kMinShareColumns));
+  const int64_t per_share = (vectors + shares - 1) / shares * kLanes;
+  std::vector<double> partial(shares * k * k, 0.0);
+  const bool ok = ParallelFor(pool, shares, [&](int64_t i) {
+    const int64_t begin = std::min(full, i * per_share);
+    const int64_t end = std::min(full, begin + per_share);
+    GramRange(x, k, n, begin, end, &partial[i * k * k], sum);
+  });
+  if (!ok) return false;
   if (sum != nullptr) {
     for (int64_t t = full; t < n; ++t) {
       float s = 0.0f;
@@ -199,23 +281,27 @@ void Gram(const float* x, int64_t k, int64_t n, float* g, float* sum) {
       sum[t] = s;
     }
   }
-  for (int64_t i = 0; i < k; ++i) {  // columns past the last whole vector
+  for (int64_t i = 0; i < k; ++i) {
     for (int64_t j = i; j < k; ++j) {
-      float s = 0.0f;
+      double total = 0.0;
+      for (int64_t p = 0; p < shares; ++p) total += partial[p * k * k + i * k + j];
+      float s = 0.0f;  // columns past the last whole vector
       for (int64_t t = full; t < n; ++t) s += x[i * n + t] * x[j * n + t];
-      const float v = static_cast<float>(sums[i * k + j] + static_cast<double>(s));
+      const float v = static_cast<float>(total + static_cast<double>(s));
       g[i * k + j] = v;
       g[j * k + i] = v;
     }
   }
+  return true;
 }
 
 // out[n] = a0 * sum[n] + sum_{r : coef[r] != 0} coef[r] * x[r * n]. Rows with a
 // zero coefficient are never read (their NaN/Inf cannot leak), nor is sum when
 // a0 is zero. Each output vector is made in a register from all the rows it
 // needs (one sequential stream per row, each output written once).
-void Combine(const float* x, int64_t k, int64_t n, const float* sum,
-             const float* coef, float a0, float* out) {
+// Large outputs are split into column ranges run on the thread pool.
+bool Combine(const float* x, int64_t k, int64_t n, const float* sum,
+             const float* coef, float a0, float* out, ffi::ThreadPool* pool) {
   std::vector<const float*> rows;
   std::vector<float> coefs;
   if (a0 != 0.0f) {
@@ -232,20 +318,30 @@ void Combine(const float* x, int64_t k, int64_t n, const float* sum,
   const int64_t full = n - n % kLanes;
   if (m == 0) {
     std::fill(out, out + n, 0.0f);
-    return;
+    return true;
   }
   std::vector<Vec> vcoefs(m);
   for (size_t i = 0; i < m; ++i) vcoefs[i] = Vec{} + coefs[i];
-  for (int64_t t = 0; t < full; t += kLanes) {
-    Vec acc = vcoefs[0] * Load(rows[0] + t);
-    for (size_t i = 1; i < m; ++i) acc += vcoefs[i] * Load(rows[i] + t);
-    Store(out + t, acc);
-  }
+  const int64_t vectors = full / kLanes;
+  const int64_t threads = pool == nullptr ? 1 : std::max<int64_t>(1, pool->num_threads());
+  const int64_t shares = std::max<int64_t>(
+      1, std::min<int64_t>(threads, full / kMinShareColumns));
+  const int64_t per_share = (vectors + shares - 1) / shares * kLanes;
+  const bool ok = ParallelFor(pool, shares, [&](int64_t share) {
+    const int64_t begin = std::min(full, share * per_share);
+    const int64_t end = std::min(full, begin + per_share);
+    for (int64_t t = begin; t < end; t += kLanes) {
+      Vec acc = vcoefs[0] * Load(rows[0] + t);
+      for (size_t i = 1; i < m; ++i) acc += vcoefs[i] * Load(rows[i] + t);
+      Store(out + t, acc);
+    }
+  });
   for (int64_t t = full; t < n; ++t) {
     float acc = coefs[0] * rows[0][t];
     for (size_t i = 1; i < m; ++i) acc += coefs[i] * rows[i][t];
     out[t] = acc;
   }
+  return ok;
 }
 
 // Leading dimensions of x beyond the last two are a batch (from vmap).
@@ -258,7 +354,8 @@ int64_t BatchSize(const Dims& dims) {
 
 // Gram matrices (and column sums, if sum is not null) of every [K, n] matrix
 // in a batch of them.
-ffi::Error GramBatch(const char* name, ffi::Buffer<ffi::F32>& x, float* g, float* sum) {
+ffi::Error GramBatch(const char* name, ffi::ThreadPool* pool, ffi::Buffer<ffi::F32>& x,
+                     float* g, float* sum) {
   const auto dims = x.dimensions();
   if (dims.size() < 2) {
     return ffi::Error::InvalidArgument(std::string(name) + ": input must have rank >= 2");
@@ -274,8 +371,8 @@ ffi::Error GramBatch(const char* name, ffi::Buffer<ffi::F32>& x, float* g, float
       if (n == 0 || k == 0) {
         std::fill(gb, gb + k * k, 0.0f);
         if (sb != nullptr) std::fill(sb, sb + n, 0.0f);
-      } else {
-        Gram(in + b * k * n, k, n, gb, sb);
+      } else if (!Gram(in + b * k * n, k, n, gb, sb, pool)) {
+        return ffi::Error::Internal(std::string(name) + ": a thread share failed");
       }
     }
   } catch (const std::exception& e) {
@@ -284,16 +381,17 @@ ffi::Error GramBatch(const char* name, ffi::Buffer<ffi::F32>& x, float* g, float
   return ffi::Error::Success();
 }
 
-ffi::Error GramImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> g) {
-  return GramBatch("optax_gaf gram", x, g->typed_data(), nullptr);
+ffi::Error GramImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                    ffi::ResultBuffer<ffi::F32> g) {
+  return GramBatch("optax_gaf gram", &pool, x, g->typed_data(), nullptr);
 }
 
-ffi::Error GramSumImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> g,
-                       ffi::ResultBuffer<ffi::F32> s) {
-  return GramBatch("optax_gaf gram_sum", x, g->typed_data(), s->typed_data());
+ffi::Error GramSumImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                       ffi::ResultBuffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> s) {
+  return GramBatch("optax_gaf gram_sum", &pool, x, g->typed_data(), s->typed_data());
 }
 
-ffi::Error CombineImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> sum,
+ffi::Error CombineImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> sum,
                        ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::F32> a0,
                        ffi::ResultBuffer<ffi::F32> out) {
   const auto dims = x.dimensions();
@@ -310,8 +408,11 @@ ffi::Error CombineImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> sum,
   }
   try {
     for (int64_t b = 0; b < batch; ++b) {
-      Combine(x.typed_data() + b * k * n, k, n, sum.typed_data() + b * n,
-              coef.typed_data() + b * k, a0.typed_data()[b], out->typed_data() + b * n);
+      if (!Combine(x.typed_data() + b * k * n, k, n, sum.typed_data() + b * n,
+                   coef.typed_data() + b * k, a0.typed_data()[b], out->typed_data() + b * n,
+                   &pool)) {
+        return ffi::Error::Internal("optax_gaf combine: a thread share failed");
+      }
     }
   } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("optax_gaf combine: ") + e.what());
@@ -323,11 +424,15 @@ ffi::Error CombineImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> sum,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     OptaxGafGramF32, GramImpl,
-    ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     OptaxGafGramSumF32, GramSumImpl,
     ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
         .Arg<ffi::Buffer<ffi::F32>>()
         .Ret<ffi::Buffer<ffi::F32>>()
         .Ret<ffi::Buffer<ffi::F32>>());
@@ -335,6 +440,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     OptaxGafCombineF32, CombineImpl,
     ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
         .Arg<ffi::Buffer<ffi::F32>>()
         .Arg<ffi::Buffer<ffi::F32>>()
         .Arg<ffi::Buffer<ffi::F32>>()
