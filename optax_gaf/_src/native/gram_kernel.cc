@@ -170,7 +170,11 @@ bool ParallelFor(ffi::ThreadPool* pool, int64_t shares,
                  const std::function<void(int64_t)>& fn) {
   const int64_t threads = pool == nullptr ? 1 : pool->num_threads();
   if (shares <= 1 || threads <= 1) {
-    for (int64_t i = 0; i < shares; ++i) fn(i);
+    try {
+      for (int64_t i = 0; i < shares; ++i) fn(i);
+    } catch (...) {
+      return false;
+    }
     return true;
   }
   struct State {
@@ -200,7 +204,13 @@ bool ParallelFor(ffi::ThreadPool* pool, int64_t shares,
     }
   };
   const int64_t helpers = std::min(threads, shares) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool->Schedule(decltype(run)(run));
+  // If scheduling fails part-way (it allocates), the caller's own run() below
+  // takes every share not yet claimed; nothing may unwind past this frame
+  // while queued helpers can still reach fn.
+  try {
+    for (int64_t t = 0; t < helpers; ++t) pool->Schedule(decltype(run)(run));
+  } catch (...) {
+  }
   run();
   std::unique_lock<std::mutex> lock(state->mu);
   state->cv.wait(lock, [&] { return state->done == state->shares; });
