@@ -265,6 +265,19 @@ void GramRange(const float* x, int64_t k, int64_t n, int64_t begin, int64_t end,
 // it saves.
 constexpr int64_t kMinShareColumns = 1 << 16;
 
+// The whole-vector columns [0, full) split into one range per pool thread
+// (ranges are multiples of kLanes long; one range for small matrices).
+struct ColumnSplit {
+  ColumnSplit(ffi::ThreadPool* pool, int64_t full) : full(full) {
+    const int64_t threads = pool == nullptr ? 1 : std::max<int64_t>(1, pool->num_threads());
+    shares = std::max<int64_t>(1, std::min<int64_t>(threads, full / kMinShareColumns));
+    per_share = (full / kLanes + shares - 1) / shares * kLanes;
+  }
+  int64_t begin(int64_t i) const { return std::min(full, i * per_share); }
+  int64_t end(int64_t i) const { return std::min(full, begin(i) + per_share); }
+  int64_t full, shares, per_share;
+};
+
 // g[k * k] = x[k * n] x[k * n]^T; if sum is not null, also
 // sum[n] = sum_r x[r * n] (the column sums, while each block is in cache).
 // Large matrices are split into column ranges run on the thread pool; their
@@ -272,16 +285,11 @@ constexpr int64_t kMinShareColumns = 1 << 16;
 bool Gram(const float* x, int64_t k, int64_t n, float* g, float* sum,
           ffi::ThreadPool* pool) {
   const int64_t full = n - n % kLanes;  // columns covered by whole vectors
-  const int64_t vectors = full / kLanes;
-  const int64_t threads = pool == nullptr ? 1 : std::max<int64_t>(1, pool->num_threads());
-  const int64_t shares = std::max<int64_t>(
-      1, std::min<int64_t>(threads, full / kMinShareColumns));
-  const int64_t per_share = (vectors + shares - 1) / shares * kLanes;
+  const ColumnSplit split(pool, full);
+  const int64_t shares = split.shares;
   std::vector<double> partial(shares * k * k, 0.0);
   const bool ok = ParallelFor(pool, shares, [&](int64_t i) {
-    const int64_t begin = std::min(full, i * per_share);
-    const int64_t end = std::min(full, begin + per_share);
-    GramRange(x, k, n, begin, end, &partial[i * k * k], sum);
+    GramRange(x, k, n, split.begin(i), split.end(i), &partial[i * k * k], sum);
   });
   if (!ok) return false;
   if (sum != nullptr) {
@@ -332,15 +340,10 @@ bool Combine(const float* x, int64_t k, int64_t n, const float* sum,
   }
   std::vector<Vec> vcoefs(m);
   for (size_t i = 0; i < m; ++i) vcoefs[i] = Vec{} + coefs[i];
-  const int64_t vectors = full / kLanes;
-  const int64_t threads = pool == nullptr ? 1 : std::max<int64_t>(1, pool->num_threads());
-  const int64_t shares = std::max<int64_t>(
-      1, std::min<int64_t>(threads, full / kMinShareColumns));
-  const int64_t per_share = (vectors + shares - 1) / shares * kLanes;
-  const bool ok = ParallelFor(pool, shares, [&](int64_t share) {
-    const int64_t begin = std::min(full, share * per_share);
-    const int64_t end = std::min(full, begin + per_share);
-    for (int64_t t = begin; t < end; t += kLanes) {
+  const ColumnSplit split(pool, full);
+  const bool ok = ParallelFor(pool, split.shares, [&](int64_t share) {
+    const int64_t end = split.end(share);
+    for (int64_t t = split.begin(share); t < end; t += kLanes) {
       Vec acc = vcoefs[0] * Load(rows[0] + t);
       for (size_t i = 1; i < m; ++i) acc += vcoefs[i] * Load(rows[i] + t);
       Store(out + t, acc);
