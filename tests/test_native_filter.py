@@ -59,6 +59,23 @@ def test_combine_equals_float64_and_never_reads_unused_rows(n):
 
 
 @needs_kernel
+def test_combine_fallback_of_other_platforms_equals_the_kernel():
+  # lax.platform_dependent lowers _combine_xla off CPU (e.g. jax.export for
+  # GPU): same result, and no NaN from rows with a zero coefficient.
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((5, 300)).astype(np.float32)
+  total = x.sum(0)
+  coef = np.array([0.5, 0, -1.0, 0, 2.0], np.float32)
+  for a0 in (0.0, 0.25):
+    np.testing.assert_allclose(native_filter._combine_xla(x, total, coef, np.float32(a0)),
+                               native_gram.combine(x, total, coef, np.float32(a0)),
+                               rtol=1e-6, atol=1e-6)
+  x[1] = np.nan
+  y = native_filter._combine_xla(x, np.full(300, np.nan, np.float32), coef, np.float32(0.0))
+  assert np.isfinite(np.asarray(y)).all()
+
+
+@needs_kernel
 def test_kernels_under_vmap():
   rng = np.random.default_rng(1)
   xb = rng.standard_normal((3, 5, 1000)).astype(np.float32)

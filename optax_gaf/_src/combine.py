@@ -28,7 +28,7 @@ def _weighted_leaf(weights: jax.Array, leaf: jax.Array, mask: jax.Array | None) 
 _UNROLL_MAX_K = 16
 
 
-def _unrolled_leaf(weights: jax.Array, leaf: jax.Array, mask: jax.Array | None) -> jax.Array:
+def unrolled_leaf(weights: jax.Array, leaf: jax.Array, mask: jax.Array | None) -> jax.Array:
   """``sum_i where(mask_i, w_i * x_i, 0)`` as one loop fusion over the leaf."""
   acc = gram_lib.accumulation_dtype(leaf.dtype)
   w = weights.astype(acc)
@@ -64,7 +64,7 @@ def weighted_sum(
   """
   leaves = jax.tree.leaves(grads)
   if leaves and leaves[0].shape[0] <= _UNROLL_MAX_K:
-    return jax.tree.map(lambda x: _unrolled_leaf(weights, x, finite), grads)
+    return jax.tree.map(lambda x: unrolled_leaf(weights, x, finite), grads)
   plain = lambda: jax.tree.map(lambda x: _weighted_leaf(weights, x, None), grads)
   if finite is None:
     return plain()

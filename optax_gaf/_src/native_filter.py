@@ -33,6 +33,7 @@ from jax import lax
 
 from optax_gaf._src import agreement as agreement_lib
 from optax_gaf._src import base
+from optax_gaf._src import combine as combine_lib
 from optax_gaf._src import gram as gram_lib
 from optax_gaf._src import native_gram
 
@@ -124,8 +125,7 @@ def _gram_and_sum(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 @_gram_and_sum.defjvp
 def _gram_and_sum_jvp(primals, tangents):
   (x,), (dx,) = primals, tangents
-  cross = gram_lib.dot(dx, x, jnp.dtype(jnp.float32))
-  return _gram_and_sum(x), (cross + cross.T, jnp.sum(dx, axis=0))
+  return _gram_and_sum(x), (gram_lib.gram_tangent(x, dx), jnp.sum(dx, axis=0))
 
 
 @jax.custom_jvp
@@ -136,10 +136,8 @@ def _combine(x: jax.Array, total: jax.Array, coef: jax.Array, a0: jax.Array) -> 
 
 
 def _combine_xla(x, total, coef, a0):
-  out = jnp.where(a0 != 0, a0 * total, 0.0)
-  for i in range(x.shape[0]):
-    out = out + jnp.where(coef[i] != 0, coef[i] * x[i], 0.0)
-  return out
+  rows = combine_lib.unrolled_leaf(coef, x, coef != 0)
+  return jnp.where(a0 != 0, a0 * total, 0.0) + rows
 
 
 @_combine.defjvp
