@@ -97,13 +97,13 @@ def main(argv=None) -> int:
       "wsum": jax.jit(lambda g, w, f: combine_lib.weighted_sum(w, g, f)),
       "gram_sum": jax.jit(lambda g: [native_filter._gram_and_sum(as_matrix(x))
                                      for x in jax.tree.leaves(g)]),
-      "combine_all": jax.jit(lambda g, s, c, a: [native_filter._combine(as_matrix(x), t, c, a)
-                                                 for x, t in zip(jax.tree.leaves(g), s)]),
-      "combine_half": jax.jit(lambda g, s, c, a: [native_filter._combine(as_matrix(x), t, c, a)
-                                                  for x, t in zip(jax.tree.leaves(g), s)]),
+      "combine": jax.jit(lambda g, s, c, a: [native_filter._combine(as_matrix(x), t, c, a)
+                                             for x, t in zip(jax.tree.leaves(g), s)]),
       "gaf": jax.jit(lambda g, s: gaf.update(g, s)[0]),
   }
-  columns = ["P", "K", "mean ms"] + [f"{name}/mean" for name in fns if name != "mean"]
+  parts = ["gram", "gram_xla", "gram_dot", "gram_mulreduce", "wsum", "gram_sum", "combine_all",
+           "combine_half", "gaf"]  # the keys of ``calls`` below, after "mean"
+  columns = ["P", "K", "mean ms"] + [f"{name}/mean" for name in parts]
   rows = []
   print(" ".join(f"{c:>13}" for c in columns))
   for p in args.ps:
@@ -125,12 +125,12 @@ def main(argv=None) -> int:
           "gram_mulreduce": lambda: fns["gram_mulreduce"](grads),
           "wsum": lambda: fns["wsum"](grads, w, finite),
           "gram_sum": lambda: fns["gram_sum"](grads),
-          "combine_all": lambda: fns["combine_all"](grads, sums, jnp.zeros((k,)), 1 / k),
-          "combine_half": lambda: fns["combine_half"](grads, sums, half, 0.0),
+          "combine_all": lambda: fns["combine"](grads, sums, jnp.zeros((k,)), 1 / k),
+          "combine_half": lambda: fns["combine"](grads, sums, half, 0.0),
           "gaf": lambda: fns["gaf"](grads, state),
       }
       t = _common.time_interleaved(calls, warmup=2, repeats=args.repeats)
-      row = [n, k, t["mean"] * 1e3] + [t[name] / t["mean"] for name in calls if name != "mean"]
+      row = [n, k, t["mean"] * 1e3] + [t[name] / t["mean"] for name in parts]
       rows.append(row)
       print(" ".join(f"{v:>13.3g}" if isinstance(v, float) else f"{v:>13}" for v in row),
             flush=True)
