@@ -37,9 +37,9 @@ class GramMatrixTest(chex.TestCase):
   @mock.patch.object(gram_lib, "_BLOCKED_MIN_BYTES", 1 << 17)
   @mock.patch.object(gram_lib, "_BLOCK_BYTES", 1 << 14)
   def test_large_leaves_under_jit_and_vmap_including_a_batch_of_one(self):
-    jax.clear_caches()
-    self.addCleanup(jax.clear_caches)
-    # Leaves of >= _BLOCKED_MIN_BYTES (lowered here to keep the test small)
+    # Every jitted function below is built here, so its trace sees the patched
+    # settings (no jax.clear_caches: it crashed a CI run). Leaves of
+    # >= _BLOCKED_MIN_BYTES (lowered here to keep the test small)
     # take the blocked path on CPU: 16 blocks of 1024 columns and a 256-column
     # remainder. jit(vmap(...)) over a batch of one is checked because an
     # earlier multiply-reduce path was miscompiled by XLA:CPU there.
@@ -54,7 +54,7 @@ class GramMatrixTest(chex.TestCase):
           expected = flat @ flat.T
           np.testing.assert_allclose(gram[b], expected, rtol=1e-5, atol=1e-4 * np.abs(expected).max())
     x = jnp.asarray(rng.standard_normal((4, 1 << 14)), jnp.float32)
-    single = jax.jit(optax_gaf.gram_matrix)({"w": x})
+    single = jax.jit(lambda g: optax_gaf.gram_matrix(g))({"w": x})
     np.testing.assert_allclose(jax.jit(jax.vmap(optax_gaf.gram_matrix))({"w": x[None]})[0],
                                single, rtol=1e-5, atol=1e-3)
     tangent = jax.jvp(optax_gaf.gram_matrix, ({"w": x},), ({"w": x},))[1]

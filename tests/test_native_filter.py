@@ -240,12 +240,17 @@ def test_nan_microgradient_is_dropped_and_skips_read_nothing():
     assert not np.asarray(leaf).any()
 
 
-def _xla_path(fn):
-  with mock.patch.dict(os.environ, {"OPTAX_GAF_NATIVE_GRAM": "0"}):
-    jax.clear_caches()
-    out = fn()
-  jax.clear_caches()
-  return out
+def _run(jitted, *args, native):
+  """Lowers and runs ``jitted`` with the native kernels on or off, checked in the HLO.
+
+  The switch is read at trace time and every caller passes a freshly built
+  jitted function, so no cache can carry one path into the other (and
+  ``jax.clear_caches``, which crashed a CI run, is not needed).
+  """
+  with mock.patch.dict(os.environ, {"OPTAX_GAF_NATIVE_GRAM": "1" if native else "0"}):
+    hlo = jitted.lower(*args).as_text()
+    assert any(target in hlo for target in native_gram._SYMBOLS) == native
+    return jax.block_until_ready(jitted(*args))
 
 
 @needs_kernel
@@ -259,15 +264,14 @@ def test_derivatives_match_the_xla_path(rejected):
     u = gaf.update(g, gaf.init(None))[0]
     return sum(jnp.sum(a * b) for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(probe)))
 
-  def both():
-    return (jax.jit(jax.grad(loss))(grads),
-            jax.jit(lambda g, t: jax.jvp(loss, (g,), (t,))[1])(grads, probe_like(grads)))
+  def both(native):
+    tangent = jax.tree.map(lambda x: jnp.sin(jnp.arange(x.size).reshape(x.shape)), grads)
+    return (_run(jax.jit(jax.grad(loss)), grads, native=native),
+            _run(jax.jit(lambda g, t: jax.jvp(loss, (g,), (t,))[1]), grads, tangent,
+                 native=native))
 
-  def probe_like(g):
-    return jax.tree.map(lambda x: jnp.sin(jnp.arange(x.size).reshape(x.shape)), g)
-
-  native = both()
-  xla = _xla_path(both)
+  native = both(True)
+  xla = both(False)
   chex.assert_trees_all_close(native, xla, rtol=1e-5, atol=1e-5)
 
 

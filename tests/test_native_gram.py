@@ -98,15 +98,21 @@ def test_gaf_update_and_gradients_match_the_xla_path():
   grads = ref_lib.correlated_micrograds(rng, 8, [(30, 40), (40,), (7, 3, 3)], 0.6, 1.0)
   grads = jax.tree.map(jnp.asarray, grads)
   gaf = optax_gaf.gaf(0.95)
-  native_update = jax.jit(lambda g: gaf.update(g, gaf.init(None))[0])(grads)
-  native_grad = jax.jit(jax.grad(lambda g: jnp.sum(optax_gaf.gram_matrix(g) ** 2)))(grads)
-  with mock.patch.dict(os.environ, {"OPTAX_GAF_NATIVE_GRAM": "0"}):
-    jax.clear_caches()
-    hlo = jax.jit(optax_gaf.gram_matrix).lower(grads).as_text()
-    assert native_gram.TARGET not in hlo
-    xla_update = jax.jit(lambda g: gaf.update(g, gaf.init(None))[0])(grads)
-    xla_grad = jax.jit(jax.grad(lambda g: jnp.sum(optax_gaf.gram_matrix(g) ** 2)))(grads)
-  jax.clear_caches()
+
+  def run(native):
+    # Fresh jitted functions per path: the switch is read at trace time, so no
+    # jit cache can carry one path into the other (no jax.clear_caches, which
+    # crashed a CI run while a computation was in flight).
+    update = jax.jit(lambda g: gaf.update(g, gaf.init(None))[0])
+    grad = jax.jit(jax.grad(lambda g: jnp.sum(optax_gaf.gram_matrix(g) ** 2)))
+    with mock.patch.dict(os.environ, {"OPTAX_GAF_NATIVE_GRAM": "1" if native else "0"}):
+      for fn in (update, grad):
+        hlo = fn.lower(grads).as_text()
+        assert any(target in hlo for target in native_gram._SYMBOLS) == native
+      return jax.block_until_ready((update(grads), grad(grads)))
+
+  native_update, native_grad = run(True)
+  xla_update, xla_grad = run(False)
   chex.assert_trees_all_close(native_update, xla_update, rtol=1e-5, atol=1e-6)
   # Gradients are up to ~4e4 here; compare at float32 precision of that scale
   # (the two paths sum in different orders).
@@ -127,13 +133,13 @@ def test_failed_build_falls_back_with_one_warning(tmp_path):
         warnings.simplefilter("error")  # the second call is silent
         assert not native_gram.available()
       assert "compiling the native Gram kernel failed" in native_gram._STATE["error"]
-      jax.clear_caches()
       x = np.arange(12.0, dtype=np.float32).reshape(3, 4)
-      np.testing.assert_allclose(jax.jit(optax_gaf.gram_matrix)({"w": x}), _exact(x), rtol=1e-6)
+      fresh = jax.jit(lambda g: optax_gaf.gram_matrix(g))  # traced anew, on the fallback
+      assert native_gram.TARGET not in fresh.lower({"w": x}).as_text()
+      np.testing.assert_allclose(fresh({"w": x}), _exact(x), rtol=1e-6)
   finally:
     native_gram._STATE.clear()
     native_gram._STATE.update(saved)
-    jax.clear_caches()
 
 
 def test_disabled_by_environment():
