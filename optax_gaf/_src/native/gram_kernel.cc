@@ -4,8 +4,10 @@
 // general matrix kernel that vectorises over the tiny K x K output and reaches
 // about a third of a core's peak. This kernel vectorises over the long axis
 // n instead, computes only the 4 x 4 row tiles on and above the diagonal
-// (and only the upper half of the diagonal tiles), and reads the matrix in
-// blocks of columns that stay in cache while every tile pair reads them.
+// (and only the upper half of the diagonal tiles; each diagonal tile is swept
+// together with the tile to its right, which loads its rows once for both),
+// and reads the matrix in blocks of columns that stay in cache while every
+// tile pair reads them.
 //
 // For GAF's one-pass filter the same sweep can also write the column sums
 // S = sum_r x_r (GramSum), and Combine writes a0 * S + sum_r coef_r x_r
@@ -143,6 +145,56 @@ inline void AnyTile(int r, int c, const float* const* a, const float* const* b,
   }
 }
 
+// A diagonal tile fused with the tile to its right, over a block: rows
+// a[0..kTile) against themselves (upper half) and against the next tile's C
+// rows b[0..C), in one sweep, so the a rows are loaded once for both tiles
+// and, in the first tile row, the column sums of all kTile + C rows are
+// stored without a reload. The products and their order per accumulator are
+// those of Tile<kTile, kTile, true> followed by Tile<kTile, C, false>, and
+// the column sums add in the same order, so results are bit-identical.
+template <int C, bool StoreSum>
+inline void DiagAndNextTile(const float* const* a, const float* const* b,
+                            int64_t len, Vec* diag_mem, Vec* next_mem,
+                            float* sum) {
+  Vec d[kTile][kTile], e[kTile][C];
+  for (int r = 0; r < kTile; ++r) {
+    for (int c = r; c < kTile; ++c) d[r][c] = diag_mem[r * kTile + c];
+    for (int c = 0; c < C; ++c) e[r][c] = next_mem[r * kTile + c];
+  }
+  for (int64_t t = 0; t + kLanes <= len; t += kLanes) {
+    Vec va[kTile];
+    for (int r = 0; r < kTile; ++r) va[r] = Load(a[r] + t);
+    for (int r = 0; r < kTile; ++r)
+      for (int c = r; c < kTile; ++c) d[r][c] += va[r] * va[c];
+    Vec sb{};
+    for (int c = 0; c < C; ++c) {
+      const Vec vb = Load(b[c] + t);
+      for (int r = 0; r < kTile; ++r) e[r][c] += va[r] * vb;
+      if (StoreSum) sb = c == 0 ? vb : sb + vb;
+    }
+    if (StoreSum) {
+      Vec sa = va[0];
+      for (int r = 1; r < kTile; ++r) sa += va[r];
+      Store(sum + t, sb + sa);
+    }
+  }
+  for (int r = 0; r < kTile; ++r) {
+    for (int c = r; c < kTile; ++c) diag_mem[r * kTile + c] = d[r][c];
+    for (int c = 0; c < C; ++c) next_mem[r * kTile + c] = e[r][c];
+  }
+}
+
+template <bool StoreSum>
+inline void AnyDiagAndNext(int c, const float* const* a, const float* const* b,
+                           int64_t len, Vec* diag, Vec* next, float* sum) {
+  switch (c) {
+    case 1: DiagAndNextTile<1, StoreSum>(a, b, len, diag, next, sum); break;
+    case 2: DiagAndNextTile<2, StoreSum>(a, b, len, diag, next, sum); break;
+    case 3: DiagAndNextTile<3, StoreSum>(a, b, len, diag, next, sum); break;
+    default: DiagAndNextTile<4, StoreSum>(a, b, len, diag, next, sum); break;
+  }
+}
+
 // One tile pair (ti, tj), tj >= ti, over a block; the tiles of the first row
 // (ti == 0) see every row of x once as b rows, so they also make the column
 // sums when ``sum`` is not null.
@@ -248,7 +300,20 @@ void GramRange(const float* x, int64_t k, int64_t n, int64_t begin, int64_t end,
     for (int64_t ti = 0; ti < tiles; ++ti) {
       const int r = static_cast<int>(std::min<int64_t>(kTile, k - ti * kTile));
       for (int q = 0; q < r; ++q) a[q] = x + (ti * kTile + q) * n + start;
-      for (int64_t tj = ti; tj < tiles; ++tj) {
+      int64_t tj = ti;
+      if (ti + 1 < tiles) {  // then r == kTile
+        const int c = static_cast<int>(std::min<int64_t>(kTile, k - (ti + 1) * kTile));
+        for (int q = 0; q < c; ++q) b[q] = x + ((ti + 1) * kTile + q) * n + start;
+        Vec* diag = &acc[(ti * tiles + ti) * kTile * kTile];
+        Vec* next = &acc[(ti * tiles + ti + 1) * kTile * kTile];
+        if (sum != nullptr && ti == 0) {
+          AnyDiagAndNext<true>(c, a.data(), b.data(), len, diag, next, sum + start);
+        } else {
+          AnyDiagAndNext<false>(c, a.data(), b.data(), len, diag, next, nullptr);
+        }
+        tj = ti + 2;
+      }
+      for (; tj < tiles; ++tj) {
         const int c = static_cast<int>(std::min<int64_t>(kTile, k - tj * kTile));
         for (int q = 0; q < c; ++q) b[q] = x + (tj * kTile + q) * n + start;
         TilePair(ti, tj, r, c, a.data(), b.data(), len,
