@@ -11,11 +11,13 @@ plus, for reference, ``full``: one ``jax.grad`` over the whole batch (no
 microbatch axis) with the same optimizer. Every timed call is one step from
 the same initial parameters and optimizer state, so all calls do the same
 work; the table reports how many microgradients GAF accepted there. Models: an MLP and a small CNN,
-each with more than 1M parameters. Target: gaf/mean <= 1.05.
+each with more than 1M parameters (target: gaf/mean <= 1.05), and, with
+``--models mlp_small``, the 0.10M-parameter MLP of ``bench_torch.py``.
 
 Usage::
 
   python benchmarks/bench_step.py --threads 1
+  python benchmarks/bench_step.py --threads 1 --models mlp_small --out step_small
   python benchmarks/bench_step.py --quick
 """
 
@@ -115,7 +117,8 @@ def make_steps(apply_fn, k, lr=0.01, tau=0.97):
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--ks", type=int, nargs="+", default=[4, 8])
-  parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
+  parser.add_argument("--models", nargs="+", default=["mlp", "cnn"],
+                      choices=["mlp", "cnn", "mlp_small"])
   parser.add_argument("--microbatch", type=int, default=32, help="examples per microbatch")
   parser.add_argument("--repeats", type=int, default=40)
   parser.add_argument("--threads", type=int, default=None)
@@ -131,6 +134,8 @@ def main(argv=None) -> int:
 
   models = {
       "mlp": (lambda key: init_mlp(key, [784, 1024, 1024, 10]), mlp_apply, (28, 28, 1)),
+      # The small MLP of bench_torch.py (not a target of this script).
+      "mlp_small": (lambda key: init_mlp(key, [784, 128, 10]), mlp_apply, (28, 28, 1)),
       "cnn": (lambda key: init_cnn(key), cnn_apply, (32, 32, 3)),
   }
   rows = []
