@@ -176,7 +176,7 @@ def main(argv=None) -> int:
                            "tau": 0.97})
     notes = ["mean: vmap microgradients + tensordot mean + sgd; gaf: vmap microgradients + "
              "with_gaf(sgd); full: one grad over the whole batch + sgd (reference only). "
-             "Target: gaf/mean <= 1.05. mean/gaf faulted MiB: memory freshly mapped (minor "
+             "Target (mlp, cnn): gaf/mean <= 1.05. mean/gaf faulted MiB: memory freshly mapped (minor "
              "page faults x 4 KiB) per step; glibc maps buffers above its mmap threshold "
              "(32 MiB at most by default) afresh on every allocation; run with "
              "GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:"

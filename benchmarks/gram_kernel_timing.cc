@@ -9,8 +9,17 @@
 //     benchmarks/gram_kernel_timing.cc -o /tmp/gram_kernel_timing -lpthread
 //   taskset -c 0 /tmp/gram_kernel_timing 8 1863690 30   # K, n, repetitions
 //
-// Prints the best time of the repetitions and the multiply-add rate
-// (K(K+1)/2 * n per Gram matrix).
+// Prints the best time of the repetitions (after one warm-up call each) and
+// the multiply-add rate (K(K+1)/2 * n per Gram matrix). To compare with an
+// earlier kernel, write its source next to a copy of this file and build both:
+//
+//   mkdir -p /tmp/old/benchmarks /tmp/old/optax_gaf/_src/native
+//   git show REV:optax_gaf/_src/native/gram_kernel.cc > /tmp/old/optax_gaf/_src/native/gram_kernel.cc
+//   cp benchmarks/gram_kernel_timing.cc /tmp/old/benchmarks/
+//
+// then build /tmp/old/benchmarks/gram_kernel_timing.cc the same way and run
+// the two binaries alternately (the VM's speed drifts between runs). Add
+// -mno-avx512f (or -mno-avx) after -march=native for an AVX2 (or SSE) build.
 
 #include "../optax_gaf/_src/native/gram_kernel.cc"
 
@@ -33,11 +42,11 @@ int main(int argc, char** argv) {
   };
   auto gram = [&](bool with_sum) {
     double best = 1e9;
-    for (int r = 0; r < reps; ++r) {
+    for (int r = -1; r < reps; ++r) {  // r = -1: warm-up, not timed
       std::fill(sums.begin(), sums.end(), 0.0);
       const auto t0 = Clock::now();
       GramRange(x.data(), k, n, 0, n, sums.data(), with_sum ? sum.data() : nullptr);
-      best = std::min(best, seconds(t0));
+      if (r >= 0) best = std::min(best, seconds(t0));
     }
     return best;
   };

@@ -54,7 +54,12 @@ class GramMatrixTest(chex.TestCase):
           expected = flat @ flat.T
           np.testing.assert_allclose(gram[b], expected, rtol=1e-5, atol=1e-4 * np.abs(expected).max())
     x = jnp.asarray(rng.standard_normal((4, 1 << 14)), jnp.float32)
-    single = jax.jit(lambda g: optax_gaf.gram_matrix(g))({"w": x})
+    fresh = jax.jit(lambda g: optax_gaf.gram_matrix(g))
+    # The blocked path is a loop over column blocks (one product has no while).
+    self.assertIn("stablehlo.while", fresh.lower({"w": x}).as_text())
+    self.assertNotIn("stablehlo.while", jax.jit(lambda g: optax_gaf.gram_matrix(g)).lower(
+        {"w": x[:, :64]}).as_text())
+    single = fresh({"w": x})
     np.testing.assert_allclose(jax.jit(jax.vmap(optax_gaf.gram_matrix))({"w": x[None]})[0],
                                single, rtol=1e-5, atol=1e-3)
     tangent = jax.jvp(optax_gaf.gram_matrix, ({"w": x},), ({"w": x},))[1]
