@@ -1,6 +1,11 @@
 """The native XLA:CPU Gram kernel (native_gram.py, native/gram_kernel.cc)."""
 
 import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
 import warnings
 from unittest import mock
 
@@ -147,3 +152,34 @@ def test_disabled_by_environment():
     assert not native_gram.enabled() and not native_gram.available()
   with mock.patch.dict(os.environ, {"OPTAX_GAF_NATIVE_GRAM": "1"}):
     assert native_gram.enabled()
+
+
+_NARROW_RUN = "OPTAX_GAF_TEST_NARROW_BUILD"
+
+
+@needs_kernel
+@pytest.mark.skipif(os.environ.get(_NARROW_RUN) == "1", reason="inside a narrower build's run")
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 ISA flags")
+@pytest.mark.parametrize("flag", ["-mno-avx512f", "-mno-avx"])
+def test_kernels_built_for_narrower_vector_units(flag, tmp_path):
+  # The kernels pick their vector width from the build's instruction set (16
+  # floats with AVX-512, 8 with AVX2, 4 with SSE). The build uses
+  # -march=native; an explicit -mno-... in CXX narrows it (explicit ISA flags
+  # win over -march). Runs the kernel tests of both native test files against
+  # that build, in a subprocess with its own kernel cache.
+  cxx = native_gram._compiler()
+  env = dict(os.environ, CXX=f"{cxx[0]} {flag}", OPTAX_GAF_CACHE_DIR=str(tmp_path),
+             OPTAX_GAF_NATIVE_GRAM="1", **{_NARROW_RUN: "1"})
+  root = pathlib.Path(__file__).resolve().parent.parent
+  proc = subprocess.run(
+      [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+       "tests/test_native_gram.py", "tests/test_native_filter.py",
+       "-k", "(kernel or combine or gram_and_sum) and not narrower"],
+      cwd=root, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+  assert " passed" in proc.stdout and " skipped" not in proc.stdout, proc.stdout[-2000:]
+  (lib,) = tmp_path.glob("gram_kernel-*.so")
+  if shutil.which("objdump"):
+    asm = subprocess.run(["objdump", "-d", str(lib)], capture_output=True, text=True).stdout
+    assert "zmm" not in asm
+    assert ("ymm" in asm) == (flag == "-mno-avx512f")
