@@ -18,6 +18,7 @@ Usage::
 
   python benchmarks/bench_step.py --threads 1
   python benchmarks/bench_step.py --threads 1 --models mlp_small --out step_small
+  python benchmarks/bench_step.py --threads 1 --models mlp --ks 8 --ablation --out step_ablation
   python benchmarks/bench_step.py --quick
 """
 
@@ -111,7 +112,29 @@ def make_steps(apply_fn, k, lr=0.01, tau=0.97):
     updates, state = sgd.update(jax.grad(loss)(params, batch), state, params)
     return optax.apply_updates(params, updates), state
 
-  return {"mean": (mean_step, sgd), "gaf": (gaf_step, gaf), "full": (full_step, sgd)}
+  @jax.jit
+  def gram_sum_step(params, state, batch):
+    # Ablation: the one-pass filter's first sweep (each leaf's Gram matrix and
+    # column sum S from the native kernel), then S / K as the update; no
+    # agreement loop and no combine. Its Gram matrix is returned so it is kept.
+    from optax_gaf._src import gram as gram_lib
+    from optax_gaf._src import native_filter
+    grads = micro(params, batch)
+    leaves, treedef = jax.tree.flatten(grads)
+    pairs = [native_filter._gram_and_sum(gram_lib.as_matrix(x)) for x in leaves]
+    mean = jax.tree.unflatten(treedef, [jnp.reshape(s / k, x.shape[1:])
+                                        for (_, s), x in zip(pairs, leaves)])
+    updates, state = sgd.update(mean, state, params)
+    return optax.apply_updates(params, updates), state, sum(g for g, _ in pairs)
+
+  return {"mean": (mean_step, sgd), "gaf": (gaf_step, gaf), "full": (full_step, sgd),
+          "gram_sum": (gram_sum_step, sgd)}
+
+
+ABLATION_NOTE = (
+    "gram_sum/mean (--ablation): the one-pass filter's first sweep alone (each leaf's Gram "
+    "matrix and column sum S from the native kernel, then S / K and sgd; no agreement loop, "
+    "no combine), over the averaging step; medians.")
 
 
 def main(argv=None) -> int:
@@ -124,6 +147,9 @@ def main(argv=None) -> int:
   parser.add_argument("--threads", type=int, default=None)
   parser.add_argument("--quick", action="store_true", help="small run, no result files")
   parser.add_argument("--out", default="step")
+  parser.add_argument("--ablation", action="store_true",
+                      help="also time gram_sum: the Gram + S sweep with S / K as the update "
+                           "(native CPU kernel only)")
   args = parser.parse_args(argv)
   if args.quick:
     args.ks, args.repeats, args.microbatch = [4], 3, 8
@@ -151,6 +177,8 @@ def main(argv=None) -> int:
       batch = {"x": jax.random.normal(kx, (b, *shape)), "y": jax.random.randint(ky, (b,), 0, 10)}
       fns = {}
       for label, (step, opt) in make_steps(apply_fn, k).items():
+        if label == "gram_sum" and not args.ablation:
+          continue
         # Every call is one step from the same parameters and state, so every
         # call does the same work (the same microgradients agree).
         fns[label] = functools.partial(step, params, opt.init(params), batch)
@@ -168,6 +196,9 @@ def main(argv=None) -> int:
             f"{faults['gaf']:>8.1f} {accepted:>8d}", flush=True)
       rows.append([name, n, k, b, t["full"] * 1e3, t["mean"] * 1e3, t["gaf"] * 1e3, ratio,
                    ratio_min, faults["mean"], faults["gaf"], accepted])
+      if args.ablation:
+        rows[-1].append(t["gram_sum"] / t["mean"])
+        print(f"      gram_sum/mean {rows[-1][-1]:.3f}", flush=True)
 
   if not args.quick:
     info = _common.header({"timing": "contenders interleaved call by call",
@@ -189,8 +220,9 @@ def main(argv=None) -> int:
     md = _common.write_results(
         args.out, "Train step: with_gaf(sgd) vs plain averaging (jitted)", info,
         ["model", "params", "K", "batch", "full ms", "mean ms", "gaf ms", "gaf/mean",
-         "gaf/mean (fastest calls)", "mean faulted MiB", "gaf faulted MiB", "accepted"],
-        rows, notes)
+         "gaf/mean (fastest calls)", "mean faulted MiB", "gaf faulted MiB", "accepted"]
+        + (["gram_sum/mean"] if args.ablation else []),
+        rows, notes + ([ABLATION_NOTE] if args.ablation else []))
     print("\n" + md)
   return 0
 
