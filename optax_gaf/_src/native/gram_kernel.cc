@@ -302,10 +302,18 @@ void GramRange(const float* x, int64_t k, int64_t n, int64_t begin, int64_t end,
   // double totals they are flushed into every kFlush blocks (accuracy).
   std::vector<Vec> acc(pairs * kTile * kTile, Vec{});
   std::vector<const float*> a(kTile), b(kTile);
+  auto tile_acc = [&](int64_t ti, int64_t tj) { return &acc[(ti * tiles + tj) * kTile * kTile]; };
+  // Points rows[q] at row tile * kTile + q, column start; returns the tile's
+  // row count (kTile, or fewer for the last tile).
+  auto point = [&](int64_t tile, int64_t start, std::vector<const float*>& rows) {
+    const int count = static_cast<int>(std::min<int64_t>(kTile, k - tile * kTile));
+    for (int q = 0; q < count; ++q) rows[q] = x + (tile * kTile + q) * n + start;
+    return count;
+  };
   auto flush = [&]() {
     for (int64_t ti = 0; ti < tiles; ++ti) {
       for (int64_t tj = ti; tj < tiles; ++tj) {
-        Vec* tile = &acc[(ti * tiles + tj) * kTile * kTile];
+        Vec* tile = tile_acc(ti, tj);
         for (int r = 0; r < kTile; ++r) {
           for (int c = 0; c < kTile; ++c) {
             const int64_t i = ti * kTile + r, j = tj * kTile + c;
@@ -320,26 +328,22 @@ void GramRange(const float* x, int64_t k, int64_t n, int64_t begin, int64_t end,
   for (int64_t start = begin; start < end; start += kBlock) {
     const int64_t len = std::min(kBlock, end - start);
     for (int64_t ti = 0; ti < tiles; ++ti) {
-      const int r = static_cast<int>(std::min<int64_t>(kTile, k - ti * kTile));
-      for (int q = 0; q < r; ++q) a[q] = x + (ti * kTile + q) * n + start;
+      const int r = point(ti, start, a);
       int64_t tj = ti;
       if (kFuseDiagonal && ti + 1 < tiles) {  // then r == kTile
-        const int c = static_cast<int>(std::min<int64_t>(kTile, k - (ti + 1) * kTile));
-        for (int q = 0; q < c; ++q) b[q] = x + ((ti + 1) * kTile + q) * n + start;
-        Vec* diag = &acc[(ti * tiles + ti) * kTile * kTile];
-        Vec* next = &acc[(ti * tiles + ti + 1) * kTile * kTile];
+        const int c = point(ti + 1, start, b);
         if (sum != nullptr && ti == 0) {
-          AnyDiagAndNext<true>(c, a.data(), b.data(), len, diag, next, sum + start);
+          AnyDiagAndNext<true>(c, a.data(), b.data(), len, tile_acc(ti, ti),
+                               tile_acc(ti, ti + 1), sum + start);
         } else {
-          AnyDiagAndNext<false>(c, a.data(), b.data(), len, diag, next, nullptr);
+          AnyDiagAndNext<false>(c, a.data(), b.data(), len, tile_acc(ti, ti),
+                                tile_acc(ti, ti + 1), nullptr);
         }
         tj = ti + 2;
       }
       for (; tj < tiles; ++tj) {
-        const int c = static_cast<int>(std::min<int64_t>(kTile, k - tj * kTile));
-        for (int q = 0; q < c; ++q) b[q] = x + (tj * kTile + q) * n + start;
-        TilePair(ti, tj, r, c, a.data(), b.data(), len,
-                 &acc[(ti * tiles + tj) * kTile * kTile],
+        const int c = point(tj, start, b);
+        TilePair(ti, tj, r, c, a.data(), b.data(), len, tile_acc(ti, tj),
                  sum == nullptr ? nullptr : sum + start);
       }
     }
@@ -444,41 +448,54 @@ bool Combine(const float* x, int64_t k, int64_t n, const float* sum,
   return ok;
 }
 
-// Leading dimensions of x beyond the last two are a batch (from vmap).
+// The [..., K, n] shape of a kernel's input: leading axes (from vmap) are a
+// batch of [K, n] matrices.
+struct MatrixBatch {
+  int64_t batch, k, n;
+};
+
 template <typename Dims>
-int64_t BatchSize(const Dims& dims) {
+ffi::ErrorOr<MatrixBatch> Matrices(const std::string& name, const Dims& dims) {
+  if (dims.size() < 2) {
+    return ffi::Unexpected<ffi::Error>(
+        ffi::Error::InvalidArgument(name + ": input must have rank >= 2"));
+  }
   int64_t batch = 1;
   for (size_t d = 0; d + 2 < dims.size(); ++d) batch *= dims[d];
-  return batch;
+  return MatrixBatch{batch, dims[dims.size() - 2], dims[dims.size() - 1]};
+}
+
+// Runs body(b) for b = 0..batch-1; a share that failed or a C++ exception
+// (none may cross the FFI boundary) becomes an FFI error naming the kernel.
+template <typename Body>
+ffi::Error EachMatrix(const std::string& name, int64_t batch, Body body) {
+  try {
+    for (int64_t b = 0; b < batch; ++b) {
+      if (!body(b)) return ffi::Error::Internal(name + ": a thread share failed");
+    }
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(name + ": " + e.what());
+  }
+  return ffi::Error::Success();
 }
 
 // Gram matrices (and column sums, if sum is not null) of every [K, n] matrix
 // in a batch of them.
-ffi::Error GramBatch(const char* name, ffi::ThreadPool* pool, ffi::Buffer<ffi::F32>& x,
+ffi::Error GramBatch(const std::string& name, ffi::ThreadPool* pool, ffi::Buffer<ffi::F32>& x,
                      float* g, float* sum) {
-  const auto dims = x.dimensions();
-  if (dims.size() < 2) {
-    return ffi::Error::InvalidArgument(std::string(name) + ": input must have rank >= 2");
-  }
-  const int64_t k = dims[dims.size() - 2];
-  const int64_t n = dims[dims.size() - 1];
-  const int64_t batch = BatchSize(dims);
-  const float* in = x.typed_data();
-  try {  // no C++ exception may cross the FFI boundary
-    for (int64_t b = 0; b < batch; ++b) {
-      float* gb = g + b * k * k;
-      float* sb = sum == nullptr ? nullptr : sum + b * n;
-      if (n == 0 || k == 0) {
-        std::fill(gb, gb + k * k, 0.0f);
-        if (sb != nullptr) std::fill(sb, sb + n, 0.0f);
-      } else if (!Gram(in + b * k * n, k, n, gb, sb, pool)) {
-        return ffi::Error::Internal(std::string(name) + ": a thread share failed");
-      }
+  const auto m = Matrices(name, x.dimensions());
+  if (!m) return m.error();
+  const int64_t k = m->k, n = m->n;
+  return EachMatrix(name, m->batch, [&](int64_t b) {
+    float* gb = g + b * k * k;
+    float* sb = sum == nullptr ? nullptr : sum + b * n;
+    if (n == 0 || k == 0) {
+      std::fill(gb, gb + k * k, 0.0f);
+      if (sb != nullptr) std::fill(sb, sb + n, 0.0f);
+      return true;
     }
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string(name) + ": " + e.what());
-  }
-  return ffi::Error::Success();
+    return Gram(x.typed_data() + b * k * n, k, n, gb, sb, pool);
+  });
 }
 
 ffi::Error GramImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -494,30 +511,20 @@ ffi::Error GramSumImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 ffi::Error CombineImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> sum,
                        ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::F32> a0,
                        ffi::ResultBuffer<ffi::F32> out) {
-  const auto dims = x.dimensions();
-  if (dims.size() < 2) {
-    return ffi::Error::InvalidArgument("optax_gaf combine: input must have rank >= 2");
-  }
-  const int64_t k = dims[dims.size() - 2];
-  const int64_t n = dims[dims.size() - 1];
-  const int64_t batch = BatchSize(dims);
+  const std::string name = "optax_gaf combine";
+  const auto m = Matrices(name, x.dimensions());
+  if (!m) return m.error();
+  const int64_t batch = m->batch, k = m->k, n = m->n;
   if (sum.element_count() != static_cast<size_t>(batch * n) ||
       coef.element_count() != static_cast<size_t>(batch * k) ||
       a0.element_count() != static_cast<size_t>(batch)) {
-    return ffi::Error::InvalidArgument("optax_gaf combine: operand sizes disagree");
+    return ffi::Error::InvalidArgument(name + ": operand sizes disagree");
   }
-  try {
-    for (int64_t b = 0; b < batch; ++b) {
-      if (!Combine(x.typed_data() + b * k * n, k, n, sum.typed_data() + b * n,
+  return EachMatrix(name, batch, [&](int64_t b) {
+    return Combine(x.typed_data() + b * k * n, k, n, sum.typed_data() + b * n,
                    coef.typed_data() + b * k, a0.typed_data()[b], out->typed_data() + b * n,
-                   &pool)) {
-        return ffi::Error::Internal("optax_gaf combine: a thread share failed");
-      }
-    }
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string("optax_gaf combine: ") + e.what());
-  }
-  return ffi::Error::Success();
+                   &pool);
+  });
 }
 
 }  // namespace
