@@ -14,6 +14,7 @@ import optax_gaf
 from optax_gaf._src import native_filter
 from optax_gaf._src import native_gram
 from tests import reference as ref_lib
+from tests.native_paths import run_on_path
 
 needs_kernel = pytest.mark.skipif(
     not native_gram.available(),
@@ -240,19 +241,6 @@ def test_nan_microgradient_is_dropped_and_skips_read_nothing():
     assert not np.asarray(leaf).any()
 
 
-def _run(jitted, *args, native):
-  """Lowers and runs ``jitted`` with the native kernels on or off, checked in the HLO.
-
-  The switch is read at trace time and every caller passes a freshly built
-  jitted function, so no cache can carry one path into the other (and
-  ``jax.clear_caches``, which crashed a CI run, is not needed).
-  """
-  with mock.patch.dict(os.environ, {"OPTAX_GAF_NATIVE_GRAM": "1" if native else "0"}):
-    hlo = jitted.lower(*args).as_text()
-    assert any(target in hlo for target in native_gram._SYMBOLS) == native
-    return jax.block_until_ready(jitted(*args))
-
-
 @needs_kernel
 @pytest.mark.parametrize("rejected", [[], [2], [1, 2, 3]])
 def test_derivatives_match_the_xla_path(rejected):
@@ -266,9 +254,9 @@ def test_derivatives_match_the_xla_path(rejected):
 
   def both(native):
     tangent = jax.tree.map(lambda x: jnp.sin(jnp.arange(x.size).reshape(x.shape)), grads)
-    return (_run(jax.jit(jax.grad(loss)), grads, native=native),
-            _run(jax.jit(lambda g, t: jax.jvp(loss, (g,), (t,))[1]), grads, tangent,
-                 native=native))
+    return (run_on_path(jax.jit(jax.grad(loss)), grads, native=native),
+            run_on_path(jax.jit(lambda g, t: jax.jvp(loss, (g,), (t,))[1]), grads, tangent,
+                        native=native))
 
   native = both(True)
   xla = both(False)

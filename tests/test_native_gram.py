@@ -19,6 +19,7 @@ import optax_gaf
 from optax_gaf._src import gram as gram_lib
 from optax_gaf._src import native_gram
 from tests import reference as ref_lib
+from tests.native_paths import run_on_path
 
 needs_kernel = pytest.mark.skipif(
     not native_gram.available(),
@@ -105,16 +106,9 @@ def test_gaf_update_and_gradients_match_the_xla_path():
   gaf = optax_gaf.gaf(0.95)
 
   def run(native):
-    # Fresh jitted functions per path: the switch is read at trace time, so no
-    # jit cache can carry one path into the other (no jax.clear_caches, which
-    # crashed a CI run while a computation was in flight).
     update = jax.jit(lambda g: gaf.update(g, gaf.init(None))[0])
     grad = jax.jit(jax.grad(lambda g: jnp.sum(optax_gaf.gram_matrix(g) ** 2)))
-    with mock.patch.dict(os.environ, {"OPTAX_GAF_NATIVE_GRAM": "1" if native else "0"}):
-      for fn in (update, grad):
-        hlo = fn.lower(grads).as_text()
-        assert any(target in hlo for target in native_gram._SYMBOLS) == native
-      return jax.block_until_ready((update(grads), grad(grads)))
+    return (run_on_path(update, grads, native=native), run_on_path(grad, grads, native=native))
 
   native_update, native_grad = run(True)
   xla_update, xla_grad = run(False)
