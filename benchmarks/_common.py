@@ -96,6 +96,38 @@ def time_interleaved_all(fns: dict[str, Callable[[], Any]], *, warmup: int = 2,
   return times
 
 
+def time_rounds(fns: dict[str, Callable[[], Any]], *, rounds: int = 8, calls: int = 25,
+                warmup: int = 3, block=None) -> dict[str, list[list[float]]]:
+  """Seconds per call of each function, in alternating blocks of calls.
+
+  Each of ``rounds`` rounds runs ``calls`` consecutive calls of every
+  function (the order rotating from round to round), so a slow spell of the
+  machine falls on all contenders alike, while each function still runs
+  back to back as a single-framework user would run it (no switching
+  between runtimes on every call).
+
+  Returns:
+    For each function, ``rounds`` lists of ``calls`` times.
+  """
+  if block is None:
+    import jax
+    block = jax.block_until_ready
+  names = list(fns)
+  times = {name: [] for name in names}
+  for r in range(rounds):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      fn = fns[name]
+      for _ in range(warmup):
+        block(fn())
+      block_times = []
+      for _ in range(calls):
+        t0 = time.perf_counter()
+        block(fn())
+        block_times.append(time.perf_counter() - t0)
+      times[name].append(block_times)
+  return times
+
+
 def page_faults_per_call(fn: Callable[[], Any], calls: int = 5, block=None) -> float:
   """Minor page faults of this process per call of ``fn()`` (after one warm call).
 
