@@ -60,7 +60,7 @@ def make_grads(key, k: int, shapes, dtype, scenario: str = "agree"):
   100x the norm. They are the best and worst cases of the one-pass CPU
   filter (``native_filter.py``): all agreeing, its update is the column sum S
   over K and no microgradient is read twice; otherwise it reads the accepted
-  ones again (or S and the few rejected ones).
+  ones again.
   """
   import jax
   import jax.numpy as jnp

@@ -90,11 +90,10 @@ def test_kernels_under_vmap():
       y, 0.5 * _f64(s) + np.einsum("bk,bkn->bn", coef, _f64(xb)), rtol=1e-5, atol=1e-4)
 
 
-def _split(w, finite=None, sq_norms=None):
+def _split(w, finite=None):
   w = jnp.asarray(w, jnp.float32)
   finite = jnp.ones(w.shape, bool) if finite is None else jnp.asarray(finite)
-  sq_norms = jnp.ones(w.shape) if sq_norms is None else jnp.asarray(sq_norms, jnp.float32)
-  coef, a0 = native_filter.split_weights(w, finite, sq_norms)
+  coef, a0 = native_filter.split_weights(w, finite)
   return np.asarray(coef), float(a0)
 
 
@@ -102,53 +101,97 @@ def test_split_weights_reads_the_fewest_rows():
   # All 8 agree (mean): the update is S / 8, no row is read again.
   coef, a0 = _split(np.full(8, 1 / 8))
   assert a0 == np.float32(1 / 8) and not coef.any()
-  # Six of eight agree: S / 6 minus the two rejected (3 reads < 6).
-  w = np.array([1, 1, 0, 1, 1, 0, 1, 1]) / 6
-  coef, a0 = _split(w)
-  assert a0 == np.float32(1 / 6)
-  np.testing.assert_array_equal(coef, np.float32(-1 / 6) * (w == 0))
-  # Half agree: the direct sum reads 4 rows, the subtractive form 5.
+  # Pairwise weights (1/8, 1/8, 1/4, 1/2): S / 8 plus the two larger ones
+  # (3 reads < 4), all coefficients non-negative.
+  coef, a0 = _split([1 / 8, 1 / 8, 1 / 4, 1 / 2])
+  assert a0 == 1 / 8 and np.array_equal(coef, np.float32([0, 0, 1 / 8, 3 / 8]))
+  # Pairwise at K = 2, (1/2, 1/2): S / 2.
+  coef, a0 = _split([0.5, 0.5])
+  assert a0 == 0.5 and not coef.any()
+  # Half agree: the direct sum over the four accepted ones.
   w = np.array([1, 0, 0, 1, 1, 0, 0, 1]) / 4
   coef, a0 = _split(w)
   assert a0 == 0 and np.array_equal(coef, w.astype(np.float32))
   # A skip reads nothing.
   coef, a0 = _split(np.zeros(4))
   assert a0 == 0 and not coef.any()
-  # Pairwise weights (1/8, 1/8, 1/4, 1/2): the common weight is 1/8.
-  coef, a0 = _split([1 / 8, 1 / 8, 1 / 4, 1 / 2])
-  assert a0 == 1 / 8 and np.array_equal(coef, np.float32([0, 0, 1 / 8, 3 / 8]))
 
 
-def test_split_weights_falls_back_to_the_direct_sum_when_unsafe():
+def test_split_weights_never_subtracts_a_microgradient():
+  # Six of eight agree: S / 6 minus the two rejected ones would read 3 rows
+  # instead of 6, but it cancels where the rejected ones dominate; direct.
+  w = np.array([1, 1, 0, 1, 1, 0, 1, 1]) / 6
+  coef, a0 = _split(w)
+  assert a0 == 0 and np.array_equal(coef, w.astype(np.float32))
+  # A non-finite microgradient makes S non-finite: direct, its row unread.
   w = np.array([1, 1, 1, 0]) / 3
-  # A non-finite microgradient makes S non-finite.
   coef, a0 = _split(w, finite=[True, True, True, False])
   assert a0 == 0 and np.array_equal(coef, w.astype(np.float32))
-  # A rejected outlier 100x longer than the rest: subtracting it from S would
-  # cost ~100x the rounding error of summing the three accepted ones.
-  coef, a0 = _split(w, sq_norms=[1, 1, 1, 1e4])
-  assert a0 == 0 and np.array_equal(coef, w.astype(np.float32))
-  # The same weights with comparable norms do use S.
-  coef, a0 = _split(w, sq_norms=[1, 2, 1, 3])
-  assert a0 == np.float32(1 / 3)
 
 
 @pytest.mark.parametrize("seed", range(20))
 def test_split_weights_is_an_identity(seed):
-  # a0 * sum_i g_i + sum_i coef_i g_i == sum_i w_i g_i for any weights; with a
-  # non-finite row, only the direct form, and that row's coefficient is 0.
+  # a0 * sum_i g_i + sum_i coef_i g_i == sum_i w_i g_i for any weights, with
+  # non-negative coefficients; with a non-finite row, only the direct form,
+  # and that row's coefficient is 0.
   rng = np.random.default_rng(seed)
   k = int(rng.integers(3, 12))
-  w = rng.choice([0.0, 0.25, 0.25, 0.25, 0.5, 1 / 3], size=k)
-  coef, a0 = _split(w, sq_norms=rng.uniform(0.5, 2, k))
+  w = rng.choice([0.0, 0.125, 0.25, 0.25, 0.25, 0.5, 1 / 3], size=k)
+  if seed % 2:
+    w = np.where(w == 0, 0.25, w)  # every row accepted
+  coef, a0 = _split(w)
   np.testing.assert_allclose(a0 + coef, w, rtol=1e-6, atol=1e-7)
   if a0:
+    assert np.all(w > 0) and np.all(coef >= 0)
     assert np.sum(coef != 0) + 1 < np.sum(w != 0)  # it reads fewer rows
   finite = np.ones(k, bool)
   finite[int(rng.integers(k))] = False
   w = np.where(finite, w, 0.0)
-  coef, a0 = _split(w, finite=finite, sq_norms=rng.uniform(0.5, 2, k))
+  coef, a0 = _split(w, finite=finite)
   assert a0 == 0 and np.array_equal(coef, w.astype(np.float32))
+
+
+@needs_kernel
+def test_rejected_microgradient_dominating_a_leaf_keeps_its_sign():
+  # One leaf where the rejected microgradient is 2.5e7x the accepted ones: the
+  # update there must be the mean of the accepted ones (sign included), as on
+  # the XLA path; S minus the rejected row would leave only its rounding error.
+  rng = np.random.default_rng(0)
+  v = rng.standard_normal(1000)
+  a = np.stack([v + 0.1 * rng.standard_normal(1000) for _ in range(4)])
+  a[1] = -a[1]
+  b = np.array([[4e-8], [1.0], [4e-8], [-4e-8]])
+  grads = {"a": jnp.asarray(a, jnp.float32), "b": jnp.asarray(b, jnp.float32)}
+  want, ref = ref_lib.gaf_reference_tree(grads, 0.5, "mean")
+  assert list(np.flatnonzero(~ref.accepted)) == [1]
+  opt = optax_gaf.gaf(0.5)
+  got = jax.jit(lambda g: opt.update(g, opt.init(None))[0])(grads)
+  np.testing.assert_allclose(got["b"], want["b"], rtol=1e-6)
+  adam = optax_gaf.with_gaf(optax.adam(1e-3, eps=1e-12), 0.5)
+  params = jax.tree.map(lambda x: jnp.zeros(x.shape[1:]), grads)
+  step, _ = jax.jit(adam.update)(grads, adam.init(params), params)
+  # Adam's first step is -lr * g / (|g| + eps) elementwise: about -1e-3 here.
+  g = float(want["b"][0])
+  assert float(step["b"][0]) == pytest.approx(-1e-3 * g / (abs(g) + 1e-12), rel=1e-5)
+
+
+@needs_kernel
+def test_elements_only_rejected_microgradients_touch_stay_exactly_zero():
+  # Like embedding rows a microbatch does not use: where every accepted
+  # microgradient is exactly 0, the update is exactly 0, whatever the two
+  # rejected ones hold there.
+  rng = np.random.default_rng(3)
+  k, n = 8, 4096
+  x = (rng.standard_normal(n) + 0.3 * rng.standard_normal((k, n))).astype(np.float32)
+  x[[2, 5]] *= -1
+  x[:, :64] = 0
+  x[[2, 5], :64] = rng.standard_normal((2, 64)).astype(np.float32)
+  grads = {"emb": jnp.asarray(x)}
+  _, ref = ref_lib.gaf_reference_tree(grads, 1.0, "mean")
+  assert list(np.flatnonzero(~ref.accepted)) == [2, 5]
+  opt = optax_gaf.gaf(1.0)
+  got = jax.jit(lambda g: opt.update(g, opt.init(None))[0])(grads)
+  assert not np.asarray(got["emb"][:64]).any()
 
 
 @needs_kernel
@@ -193,19 +236,19 @@ def _agreeing(rng, k, rejected, outlier=1.0):
 def _split_from(grads, tau, combine):
   gram = optax_gaf.gram_matrix(grads)
   ag = optax_gaf.agreement_weights(gram, tau, combine)
-  coef, a0 = native_filter.split_weights(ag.weights, ag.finite, jnp.diagonal(gram))
+  coef, a0 = native_filter.split_weights(ag.weights, ag.finite)
   return np.asarray(coef), float(a0)
 
 
 def _mode(grads, tau, combine):
-  return "subtractive" if _split_from(grads, tau, combine)[1] else "direct"
+  return "split" if _split_from(grads, tau, combine)[1] else "direct"
 
 
 @needs_kernel
 @pytest.mark.parametrize("combine", ["mean", "pairwise"])
 @pytest.mark.parametrize("case, rejected, outlier, mode", [
-    ("all agree", [], 1.0, "subtractive"),
-    ("one rejected", [5], 1.0, "subtractive"),
+    ("all agree", [], 1.0, "split"),
+    ("one rejected", [5], 1.0, "direct"),
     ("half rejected", [1, 2, 4, 6], 1.0, "direct"),
     ("rejected outlier", [3], 300.0, "direct"),
 ])
@@ -215,8 +258,7 @@ def test_gaf_update_equals_the_float64_oracle(combine, case, rejected, outlier, 
   want, ref = ref_lib.gaf_reference_tree(grads, tau, combine)
   assert ref_lib.decision_margin(ref, tau) > 1e-3
   assert list(np.flatnonzero(~ref.accepted)) == rejected
-  if combine == "mean":  # pairwise weights differ, so it mostly sums directly
-    assert _mode(grads, tau, combine) == mode
+  assert _mode(grads, tau, combine) == mode
   gaf = optax_gaf.gaf(tau, combine=combine)
   hlo = jax.jit(lambda g: gaf.update(g, gaf.init(None))[0]).lower(grads).as_text()
   assert native_gram.GRAM_SUM_TARGET in hlo and native_gram.COMBINE_TARGET in hlo

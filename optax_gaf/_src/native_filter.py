@@ -6,18 +6,22 @@ On CPU, where a pass over ``K x P`` floats is bound by memory bandwidth, that
 second pass is most of GAF's cost in a train step.
 
 Here the native kernel computes each leaf's Gram matrix and the plain sum
-``S = sum_i g_i`` in the same pass (``native_gram.gram_and_sum``). The update
-is then written as ``a0 * S + sum_i (w_i - a0) g_i`` with ``a0`` the most
-common weight, and the combine kernel (``native_gram.combine``) reads only
-the rows whose coefficient ``w_i - a0`` is not zero. With
-``combine="mean"`` every accepted microgradient has the same weight, so when
-all agree the update is ``S / K`` and no microgradient is read a second time;
-when r of them are rejected only those r are read. This subtractive form is
-used only when it reads fewer rows than the direct sum, every microgradient
-is finite (so ``S`` is), and its rounding-error bound (from the Gram
-diagonal) is at most three times the direct sum's; otherwise the update is the
-direct ``sum_i w_i g_i`` over the nonzero weights only. Either way rows with
-zero weight are never read, so dropped NaN/Inf cannot leak into the update.
+``S = sum_i g_i`` in the same pass (``native_gram.gram_and_sum``). When every
+microgradient is finite and accepted, the update is written as
+``a0 * S + sum_i (w_i - a0) g_i`` with ``a0`` the smallest weight, and the
+combine kernel (``native_gram.combine``) reads only the rows whose
+coefficient ``w_i - a0`` is not zero. With ``combine="mean"`` all weights are
+equal, so when all agree the update is ``S / K`` and no microgradient is read
+a second time. All coefficients are then non-negative, so every element has
+the same rounding-error bound as the direct sum. Otherwise (a rejected or
+dropped microgradient, or no saving) the update is the direct
+``sum_i w_i g_i`` over the nonzero weights only. A rejected microgradient is
+never subtracted from ``S``: where it is large and the accepted ones are
+small (or zero, as in the rows of an embedding that a microbatch does not
+touch), ``S - g_r`` would leave rounding error, or even the wrong sign, in
+elements whose true update is tiny or zero, and an optimizer that scales
+each element (Adam) would turn that into a full step. Rows with zero weight
+are never read, so dropped NaN/Inf cannot leak into the update.
 
 Used for float32 microgradients on single-device CPU runs when the native
 kernel is available (the same conditions as the native Gram matrix).
@@ -37,9 +41,6 @@ from optax_gaf._src import combine as combine_lib
 from optax_gaf._src import gram as gram_lib
 from optax_gaf._src import native_gram
 
-# The subtractive form is used only if its error bound is at most this many
-# times the direct weighted sum's.
-_MAX_ERROR_RATIO = 3.0
 # Weights this many float32 epsilons apart (relative) count as equal.
 _SAME_ULPS = 4
 
@@ -69,48 +70,40 @@ def filter_microgradients(
   grams, sums = zip(*(_gram_and_sum(m) for m in mats))
   gram = functools.reduce(jnp.add, grams)
   agreement = agreement_lib.agreement_weights(gram, tau, combine)
-  coef, a0 = split_weights(agreement.weights, agreement.finite, jnp.diagonal(gram))
+  coef, a0 = split_weights(agreement.weights, agreement.finite)
   outs = [jnp.reshape(_combine(m, s, coef, a0), x.shape[1:])
           for m, s, x in zip(mats, sums, leaves)]
   return jax.tree.unflatten(treedef, outs), agreement
 
 
-def split_weights(
-    weights: jax.Array, finite: jax.Array, sq_norms: jax.Array
-) -> tuple[jax.Array, jax.Array]:
+def split_weights(weights: jax.Array, finite: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Writes ``sum_i w_i g_i`` as ``a0 * sum_i g_i + sum_i coef_i g_i``.
 
   Args:
     weights: ``[K]`` filter weights (zero for rejected and dropped ones).
     finite: ``[K]`` mask of finite microgradients.
-    sq_norms: ``[K]`` squared norms (the Gram diagonal).
 
   Returns:
-    ``(coef, a0)``: float32 ``[K]`` and scalar. Either ``a0`` is the most
-    common nonzero weight and ``coef = w - a0`` (the subtractive form), or
-    ``a0 = 0`` and ``coef = w``, whichever reads fewer microgradients, subject
-    to the conditions in the module docstring.
+    ``(coef, a0)``: float32 ``[K]`` and scalar. When every microgradient is
+    finite and has a nonzero weight, and this reads fewer rows than the
+    direct sum, ``a0`` is the smallest weight and ``coef = w - a0 >= 0``
+    (zero for weights within a few ulps of ``a0``). Otherwise ``a0 = 0`` and
+    ``coef = w`` (zero for non-finite rows).
   """
   w = weights.astype(jnp.float32)
   nonzero = w != 0
+  everyone = jnp.all(finite) & jnp.all(nonzero)
+  smallest = jnp.min(w)
   # The fold's weights for one count may differ in the last bits at large K;
-  # weights within a few float32 ulps count as one (the resulting change is
-  # below the rounding of the sum itself).
+  # weights within a few float32 ulps of the smallest count as equal to it
+  # (the resulting change is below the rounding of the sum itself).
   tol = _SAME_ULPS * jnp.finfo(jnp.float32).eps
-  same = ((jnp.abs(w[:, None] - w[None, :]) <= tol * jnp.abs(w[None, :]))
-          & nonzero[:, None] & nonzero[None, :])
-  common = w[jnp.argmax(jnp.sum(same, axis=1))]
-  shared = jnp.abs(w - common) <= tol * jnp.abs(common)
-  norms = jnp.sqrt(jnp.where(finite, sq_norms, 0).astype(jnp.float32))
-  reads_subtractive = jnp.sum(~shared) + 1  # + the sum S
-  reads_direct = jnp.sum(nonzero)
-  rest = jnp.where(shared, 0.0, w - common)
-  bound_subtractive = jnp.abs(common) * jnp.sum(norms) + jnp.sum(jnp.abs(rest) * norms)
-  bound_direct = jnp.sum(jnp.abs(w) * norms)
-  subtract = (jnp.all(finite) & (common != 0) & (reads_subtractive < reads_direct)
-              & (bound_subtractive <= _MAX_ERROR_RATIO * bound_direct))
-  a0 = jnp.where(subtract, common, 0.0)
-  coef = jnp.where(subtract, rest, jnp.where(finite, w, 0.0))
+  shared = jnp.abs(w - smallest) <= tol * jnp.abs(smallest)
+  rest = jnp.where(shared, 0.0, w - smallest)
+  reads_split = jnp.sum(~shared) + 1  # + the sum S
+  split = everyone & (smallest > 0) & (reads_split < jnp.sum(nonzero))
+  a0 = jnp.where(split, smallest, 0.0)
+  coef = jnp.where(split, rest, jnp.where(finite, w, 0.0))
   return coef, a0
 
 
