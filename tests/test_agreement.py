@@ -181,6 +181,26 @@ class CosineAndFoldStepTest(chex.TestCase):
     self.assertEqual(float(agreement_lib.cosine_distance(1.0000001, 1.0, 1.0)), 0.0)
     self.assertEqual(float(agreement_lib.cosine_distance(-1.0000001, 1.0, 1.0)), 2.0)
 
+  def test_cosine_distance_of_a_vector_with_itself_is_zero(self):
+    # sqrt(14) * sqrt(14) rounds above 14 in float32; sqrt(14 * 14) does not.
+    for n in np.float32([14.0, 3.0, 0.1, 1e-5, 7e12, 123.456]):
+      self.assertEqual(float(agreement_lib.cosine_distance(n, n, n)), 0.0, n)
+
+  def test_cosine_distance_where_the_norm_product_over_or_underflows(self):
+    # |a|^2 |b|^2 = 1e60 or 1e-50 is not a float32: the roots are multiplied.
+    for n in (1e30, 1e-25):
+      d = agreement_lib.cosine_distance(jnp.float32(0.5 * n), jnp.float32(n), jnp.float32(n))
+      np.testing.assert_allclose(float(d), 0.5, rtol=1e-6)
+
+  def test_only_distances_within_rounding_of_zero_count_as_zero(self):
+    near = agreement_lib.cosine_distance(jnp.float32(1 - 1e-6), jnp.float32(1), jnp.float32(1))
+    self.assertEqual(float(near), 0.0)
+    far = agreement_lib.cosine_distance(jnp.float32(1 - 1e-5), jnp.float32(1), jnp.float32(1))
+    np.testing.assert_allclose(float(far), 1e-5, rtol=1e-2)
+    self.assertFalse(bool(agreement_lib.fold_step(
+        agreement_lib.FoldCarry(jnp.int32(1), jnp.float32(1)), 1 - 1e-5, 1.0, True, 0.0,
+        "mean").accepted))
+
   def test_fold_step_drops_non_finite_and_keeps_carry(self):
     carry = agreement_lib.FoldCarry(jnp.int32(2), jnp.float32(3.0))
     step = agreement_lib.fold_step(carry, jnp.float32(jnp.nan), jnp.float32(jnp.inf),

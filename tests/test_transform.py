@@ -106,6 +106,26 @@ class GafEdgeCaseTest(chex.TestCase):
       self.assertEqual(int(state.num_skipped), 1)
       self.assertFalse(np.any(state.accepted))
 
+  def test_tau_zero_accepts_identical_microgradients(self):
+    # Copies of one microgradient have distance exactly 0 <= tau = 0: all are
+    # accepted and the update is that microgradient, for both fold rules, in
+    # gaf and in the streaming gaf_accumulate.
+    rng = np.random.default_rng(4)
+    for k in (2, 3, 4, 8, 33):
+      for values in ([1.0, 2.0, 3.0], [0.001, 5.0, 2.0], rng.standard_normal(257) * 1e3):
+        g = {"w": jnp.tile(jnp.asarray(values, jnp.float32), (k, 1))}
+        for combine in COMBINES:
+          updates, state = _gaf_update(g, 0.0, combine)
+          self.assertEqual(int(state.num_accepted), k, (k, values, combine))
+          np.testing.assert_array_equal(state.distances, np.zeros(k))
+          np.testing.assert_allclose(updates["w"], g["w"][0], rtol=1e-6)
+      acc = optax_gaf.gaf_accumulate(optax.sgd(1.0), k, tau=0.0)
+      state = acc.init({"w": g["w"][0]})
+      for i in range(k):
+        _, state = acc.update({"w": g["w"][i]}, state)
+      self.assertFalse(bool(state.gaf_state.skipped))
+      self.assertEqual(int(state.gaf_state.num_accepted), k)
+
   @given(rho=st.floats(-1.0, 1.0), tau=TAUS, seed=st.integers(0, 2**32 - 1))
   def test_k_two_both_rules_agree(self, rho, tau, seed):
     grads = _grads(seed, 2, [(3,), (2, 2)], rho)

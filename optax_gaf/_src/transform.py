@@ -167,6 +167,8 @@ def gaf(
   gradients' dtype; no gradient is flattened or copied. Microgradients with
   NaN/Inf are dropped (never the reference, never accepted); with fewer than
   two finite ones the step is a skip. Zero-norm microgradients have cosine 0.
+  Distances within 16 machine epsilons of 0 count as 0, so copies of one
+  microgradient agree even at ``tau = 0``.
 
   Args:
     tau: cosine distance threshold in [0, 2], or an optax schedule of the step
