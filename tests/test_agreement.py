@@ -168,6 +168,27 @@ class AgreementWeightsTest(chex.TestCase):
         _weights(_gram(last), tau, "mean").accepted, ref.accepted)
 
 
+class AgreementWeightsBadInputTest(chex.TestCase):
+
+  def test_errors_name_the_argument(self):
+    gram = jnp.eye(3)
+    with self.assertRaisesRegex(ValueError, r"`combine` must be one of \('mean', 'pairwise'\)"):
+      agreement_lib.agreement_weights(gram, 0.5, "avg")
+    for tau in (-1.0, 2.5, float("nan")):
+      with self.assertRaisesRegex(ValueError, "`tau` must be in \\[0, 2\\]"):
+        agreement_lib.agreement_weights(gram, tau, "mean")
+    with self.assertRaisesRegex(ValueError, r"`gram` must be a square \[K, K\] matrix, got "
+                                r"shape \(3, 2\)"):
+      agreement_lib.agreement_weights(jnp.ones((3, 2)), 0.5, "mean")
+    with self.assertRaisesRegex(ValueError, "`gram` must be floating point"):
+      agreement_lib.agreement_weights(jnp.eye(3, dtype=jnp.int32), 0.5, "mean")
+    with self.assertRaisesRegex(ValueError, r"`finite` must have shape \(3,\)"):
+      agreement_lib.agreement_weights(gram, 0.5, "mean", finite=jnp.ones(2, bool))
+    # A traced tau (inject_hyperparams under jit) cannot be checked and is used.
+    out = jax.jit(lambda t: agreement_lib.agreement_weights(gram, t, "mean"))(0.5)
+    self.assertTrue(bool(out.skipped))
+
+
 class CosineAndFoldStepTest(chex.TestCase):
 
   def test_cosine_distance_zero_norm_is_one_without_nan(self):

@@ -139,3 +139,15 @@ class NumMicrobatchesTest(chex.TestCase):
                                 {"b": jnp.ones((3, 3)), "w": jnp.ones((2,))})
     with self.assertRaisesRegex(ValueError, "empty gradient pytree"):
       gram_lib.num_microbatches({})
+
+  def test_public_gram_matrix_checks_its_input(self):
+    with self.assertRaisesRegex(ValueError, r"\['a'\] has shape \(2, 3\) but leaf \['b'\]"):
+      optax_gaf.gram_matrix({"a": jnp.ones((2, 3)), "b": jnp.ones((3, 3))})
+    with self.assertRaisesRegex(ValueError, r"leaf \['a'\] is a scalar"):
+      optax_gaf.gram_matrix({"a": jnp.ones(())})
+    with self.assertRaisesRegex(ValueError, "empty gradient pytree"):
+      optax_gaf.gram_matrix({})
+    with self.assertRaisesRegex(ValueError, r"leaf \['a'\] has dtype int32"):
+      optax_gaf.gram_matrix({"a": jnp.ones((2, 3), jnp.int32)})
+    # One microgradient (a per-device slice) is a valid 1 x 1 Gram matrix.
+    np.testing.assert_allclose(optax_gaf.gram_matrix({"a": jnp.ones((1, 3))}), [[3.0]])

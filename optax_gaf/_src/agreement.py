@@ -208,8 +208,24 @@ def agreement_weights(
 
   Returns:
     An :class:`Agreement`.
+
+  Raises:
+    ValueError: ``gram`` is not a square floating-point matrix, ``finite``
+      is not ``[K]``, ``combine`` is unknown, or a concrete ``tau`` is
+      outside [0, 2].
   """
-  k = gram.shape[0]
+  base.check_combine(combine)
+  base.check_tau(tau)
+  shape = tuple(jnp.shape(gram))
+  if len(shape) != 2 or shape[0] != shape[1]:
+    raise ValueError(f"`gram` must be a square [K, K] matrix, got shape {shape}")
+  if not jnp.issubdtype(jnp.result_type(gram), jnp.floating):
+    raise ValueError(f"`gram` must be floating point, got dtype {jnp.result_type(gram)}")
+  if finite is not None and tuple(jnp.shape(finite)) != shape[:1]:
+    raise ValueError(
+        f"`finite` must have shape {shape[:1]} (one flag per microgradient), got "
+        f"{tuple(jnp.shape(finite))}")
+  k = shape[0]
   dtype = gram.dtype
   if finite is None:
     finite = finite_from_gram(gram)

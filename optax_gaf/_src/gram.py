@@ -102,7 +102,12 @@ def gram_matrix(grads: base.MicroGrads) -> jax.Array:
 
   Returns:
     ``G`` of shape ``[K, K]`` with ``G[i, j] = sum_leaves <g_i, g_j>``.
+
+  Raises:
+    ValueError: an empty pytree, a scalar or non-floating leaf, or leaves
+      with different leading sizes (naming the leaves).
   """
+  num_microbatches(grads, local=True)
   acc = tree_accumulation_dtype(grads)
   native = acc == jnp.float32 and native_gram.usable()
   total = None
