@@ -109,22 +109,11 @@ def time_rounds(fns: dict[str, Callable[[], Any]], *, rounds: int = 8, calls: in
   Returns:
     For each function, ``rounds`` lists of ``calls`` times.
   """
-  if block is None:
-    import jax
-    block = jax.block_until_ready
   names = list(fns)
   times = {name: [] for name in names}
   for r in range(rounds):
     for name in names[r % len(names):] + names[:r % len(names)]:
-      fn = fns[name]
-      for _ in range(warmup):
-        block(fn())
-      block_times = []
-      for _ in range(calls):
-        t0 = time.perf_counter()
-        block(fn())
-        block_times.append(time.perf_counter() - t0)
-      times[name].append(block_times)
+      times[name].append(time_fn(fns[name], warmup=warmup, repeats=calls, block=block))
   return times
 
 
