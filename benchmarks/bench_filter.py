@@ -11,7 +11,7 @@ tens of leaves (dense and conv kernels with biases). A filter that reads the
 K x P gradients twice (Gram matrix, then weighted sum) has a floor near 2
 passes against one for the mean. On single-device CPU the one-pass filter
 (``native_filter.py``) reads them once when all agree and once plus the
-accepted (or rejected) ones otherwise; ``--scenario`` picks which agree.
+accepted ones otherwise; ``--scenario`` picks which agree.
 
 Usage::
 
@@ -48,7 +48,7 @@ def leaf_shapes(num_params: int) -> list[tuple[int, ...]]:
   return shapes
 
 
-SCENARIOS = ("agree", "half", "outlier")
+SCENARIOS = ("agree", "half", "one", "outlier")
 
 
 def make_grads(key, k: int, shapes, dtype, scenario: str = "agree"):
@@ -56,7 +56,8 @@ def make_grads(key, k: int, shapes, dtype, scenario: str = "agree"):
 
   At ``tau = 1`` (cosine distance about 0.7 to the reference) all K agree
   (``scenario="agree"``). ``"half"`` flips the sign of every second one, so
-  half are rejected; ``"outlier"`` makes the last one a rejected outlier of
+  half are rejected; ``"one"`` flips the last one only (rejected, of
+  ordinary length); ``"outlier"`` makes the last one a rejected outlier of
   100x the norm. They are the best and worst cases of the one-pass CPU
   filter (``native_filter.py``): all agreeing, its update is the column sum S
   over K and no microgradient is read twice; otherwise it reads the accepted
@@ -67,6 +68,8 @@ def make_grads(key, k: int, shapes, dtype, scenario: str = "agree"):
   sign = jnp.ones((k,), dtype)
   if scenario == "half":
     sign = jnp.where(jnp.arange(k) % 2 == 1, -1.0, 1.0).astype(dtype)
+  elif scenario == "one":
+    sign = sign.at[k - 1].set(-1.0)
   elif scenario == "outlier":
     sign = sign.at[k - 1].set(-100.0)
   elif scenario != "agree":
