@@ -195,14 +195,15 @@ def test_elements_only_rejected_microgradients_touch_stay_exactly_zero():
 
 
 @needs_kernel
-def test_mean_weights_at_large_k_share_s():
+@pytest.mark.parametrize("k", [64, 256])
+def test_mean_weights_at_large_k_share_s(k):
   # The fold's running-mean weights differ in their last bits at large K;
   # they still count as one weight, so nothing is read twice.
-  grads = _agreeing(np.random.default_rng(11), 64, [])
+  grads = _agreeing(np.random.default_rng(11), k, [])
   coef, a0 = _split_from(grads, 1.0, "mean")
   assert a0 != 0 and not coef.any()
   want, ref = ref_lib.gaf_reference_tree(grads, 1.0, "mean")
-  assert ref.num_accepted == 64
+  assert ref.num_accepted == k
   gaf = optax_gaf.gaf(1.0)
   got = jax.jit(lambda g: gaf.update(g, gaf.init(None))[0])(grads)
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)

@@ -72,8 +72,10 @@ def cosine_distance(dot: jax.Array, norm2_a: jax.Array, norm2_b: jax.Array) -> j
   third fold (float32: 16 eps = 1.9e-6, far below any cosine the Gram
   matrix resolves). No NaN for zero norms.
   """
-  norm2_a = jnp.maximum(norm2_a, 0)
-  norm2_b = jnp.maximum(norm2_b, 0)
+  dtype = jnp.result_type(dot, norm2_a, norm2_b, jnp.float32)
+  dot = jnp.asarray(dot, dtype)
+  norm2_a = jnp.maximum(jnp.asarray(norm2_a, dtype), 0)
+  norm2_b = jnp.maximum(jnp.asarray(norm2_b, dtype), 0)
   product = norm2_a * norm2_b
   exact = jnp.isfinite(product) & (product >= jnp.finfo(product.dtype).tiny)
   denom = jnp.where(exact, jnp.sqrt(jnp.where(exact, product, 1)),
@@ -211,11 +213,13 @@ def agreement_weights(
 
   Raises:
     ValueError: ``gram`` is not a square floating-point matrix, ``finite``
-      is not ``[K]``, ``combine`` is unknown, or a concrete ``tau`` is
-      outside [0, 2].
+      is not ``[K]``, ``combine`` is unknown, or ``tau`` is a Python or
+      NumPy number outside [0, 2] (a jax array, possibly traced, is used as
+      given).
   """
   base.check_combine(combine)
-  base.check_tau(tau)
+  if not isinstance(tau, jax.Array):
+    base.check_tau(tau)  # a Python or NumPy number; arrays may be traced
   shape = tuple(jnp.shape(gram))
   if len(shape) != 2 or shape[0] != shape[1]:
     raise ValueError(f"`gram` must be a square [K, K] matrix, got shape {shape}")
@@ -225,7 +229,22 @@ def agreement_weights(
     raise ValueError(
         f"`finite` must have shape {shape[:1]} (one flag per microgradient), got "
         f"{tuple(jnp.shape(finite))}")
-  k = shape[0]
+  return weights_from_gram(gram, tau, combine, finite)
+
+
+def weights_from_gram(
+    gram: jax.Array,
+    tau: jax.Array,
+    combine: base.Combine,
+    finite: jax.Array | None = None,
+) -> Agreement:
+  """:func:`agreement_weights` without its argument checks.
+
+  For the library's own callers, which have validated ``combine`` and the
+  gradients already and pass ``tau`` as evaluated at this step (a schedule's
+  value is used as given, as under ``jit``, also when running eagerly).
+  """
+  k = gram.shape[0]
   dtype = gram.dtype
   if finite is None:
     finite = finite_from_gram(gram)

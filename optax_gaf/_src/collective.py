@@ -448,6 +448,6 @@ def filter_across_devices(
         f"GAF needs at least 2 microbatches, got {num_devices} device(s) x "
         f"{k_local} local microbatch(es) over axis {config.axis_name!r}")
   gram, finite = _gram_and_finite(local, config, step)
-  agreement = agreement_lib.agreement_weights(gram, tau, combine, finite)
+  agreement = agreement_lib.weights_from_gram(gram, tau, combine, finite)
   filtered = weighted_psum(agreement.weights, local, agreement.finite, config.axis_name)
   return filtered, agreement

@@ -41,7 +41,8 @@ from optax_gaf._src import combine as combine_lib
 from optax_gaf._src import gram as gram_lib
 from optax_gaf._src import native_gram
 
-# Weights this many float32 epsilons apart (relative) count as equal.
+# Weights at least this many float32 epsilons apart (relative; more at large
+# K, see split_weights) count as different.
 _SAME_ULPS = 4
 
 
@@ -69,7 +70,7 @@ def filter_microgradients(
   mats = [gram_lib.as_matrix(x) for x in leaves]
   grams, sums = zip(*(_gram_and_sum(m) for m in mats))
   gram = functools.reduce(jnp.add, grams)
-  agreement = agreement_lib.agreement_weights(gram, tau, combine)
+  agreement = agreement_lib.weights_from_gram(gram, tau, combine)
   coef, a0 = split_weights(agreement.weights, agreement.finite)
   outs = [jnp.reshape(_combine(m, s, coef, a0), x.shape[1:])
           for m, s, x in zip(mats, sums, leaves)]
@@ -94,10 +95,11 @@ def split_weights(weights: jax.Array, finite: jax.Array) -> tuple[jax.Array, jax
   nonzero = w != 0
   everyone = jnp.all(finite) & jnp.all(nonzero)
   smallest = jnp.min(w)
-  # The fold's weights for one count may differ in the last bits at large K;
-  # weights within a few float32 ulps of the smallest count as equal to it
-  # (the resulting change is below the rounding of the sum itself).
-  tol = _SAME_ULPS * jnp.finfo(jnp.float32).eps
+  # The fold's weights for one count differ in their last bits, by about
+  # K / 40 ulps at large K; weights within max(4, K) ulps of the smallest
+  # count as equal to it (a change within the K-term sum's own rounding
+  # bound of about K ulps).
+  tol = max(_SAME_ULPS, w.shape[0]) * jnp.finfo(jnp.float32).eps
   shared = jnp.abs(w - smallest) <= tol * jnp.abs(smallest)
   rest = jnp.where(shared, 0.0, w - smallest)
   reads_split = jnp.sum(~shared) + 1  # + the sum S

@@ -107,7 +107,7 @@ def filter_microgradients(
   if native_filter.applicable(grads):
     return native_filter.filter_microgradients(grads, tau, combine)
   gram = gram_lib.gram_matrix(grads)
-  agreement = agreement_lib.agreement_weights(gram, tau, combine)
+  agreement = agreement_lib.weights_from_gram(gram, tau, combine)
   filtered = combine_lib.weighted_sum(agreement.weights, grads, agreement.finite)
   return filtered, agreement
 
