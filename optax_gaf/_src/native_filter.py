@@ -92,8 +92,7 @@ def split_weights(weights: jax.Array, finite: jax.Array) -> tuple[jax.Array, jax
     ``coef = w`` (zero for non-finite rows).
   """
   w = weights.astype(jnp.float32)
-  nonzero = w != 0
-  everyone = jnp.all(finite) & jnp.all(nonzero)
+  everyone = jnp.all(finite) & jnp.all(w != 0)
   smallest = jnp.min(w)
   # The fold's weights for one count differ in their last bits, by about
   # K / 40 ulps at large K; weights within max(4, K) ulps of the smallest
@@ -102,8 +101,8 @@ def split_weights(weights: jax.Array, finite: jax.Array) -> tuple[jax.Array, jax
   tol = max(_SAME_ULPS, w.shape[0]) * jnp.finfo(jnp.float32).eps
   shared = jnp.abs(w - smallest) <= tol * jnp.abs(smallest)
   rest = jnp.where(shared, 0.0, w - smallest)
-  reads_split = jnp.sum(~shared) + 1  # + the sum S
-  split = everyone & (smallest > 0) & (reads_split < jnp.sum(nonzero))
+  reads_split = jnp.sum(~shared) + 1  # + the sum S; the direct sum reads all K
+  split = everyone & (reads_split < w.shape[0])
   a0 = jnp.where(split, smallest, 0.0)
   coef = jnp.where(split, rest, jnp.where(finite, w, 0.0))
   return coef, a0
