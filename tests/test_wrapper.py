@@ -1,5 +1,6 @@
 """``with_gaf`` (wrapper.py): true skips, agreement with the oracle pipeline, extra args."""
 
+from absl.testing import parameterized
 import chex
 import jax
 import jax.numpy as jnp
@@ -129,15 +130,37 @@ class WithGafTest(chex.TestCase):
     chex.assert_trees_all_close(updates, jax.tree.map(lambda g: -jnp.mean(g, 0), grads),
                                 rtol=1e-6)
 
-  def test_apply_or_skip_casts_new_state_to_old_dtypes(self):
+  @parameterized.parameters("select", "cond")
+  def test_apply_or_skip_casts_new_state_to_old_dtypes(self, how):
     inner = optax.sgd(0.1, momentum=0.9, accumulator_dtype=jnp.bfloat16)
     params = {"w": jnp.ones(3)}
     state = inner.init(params)
     updates, new = wrapper_lib.apply_or_skip(inner, jnp.bool_(False), {"w": jnp.ones(3)},
-                                             state, params)
+                                             state, params, how=how)
     chex.assert_trees_all_equal_dtypes(new, state)
     np.testing.assert_allclose(updates["w"], -0.1 * np.ones(3))
     updates, same = wrapper_lib.apply_or_skip(inner, jnp.bool_(True), {"w": jnp.ones(3)},
-                                              state, params)
+                                              state, params, how=how)
     chex.assert_trees_all_equal(same, state)
     chex.assert_trees_all_equal(updates, {"w": jnp.zeros(3)})
+
+  @parameterized.parameters("select", "cond")
+  def test_skip_discards_non_finite_inner_results(self, how):
+    # An inner optimizer that divides by the gradient's norm gives NaN/Inf on
+    # the zero gradient of a skip; the select path evaluates it and must
+    # still return zeros and the old state, bit for bit.
+    def update(grads, state, params=None):
+      scale = 1.0 / jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
+      new = jax.tree.map(lambda s, g: s + g * scale, state, grads)
+      return jax.tree.map(lambda g: g * scale, grads), new
+    inner = optax.GradientTransformation(lambda p: jax.tree.map(jnp.ones_like, p), update)
+    params = {"w": jnp.ones(3), "b": jnp.ones((), jnp.int32)}
+    state = inner.init(params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    step = jax.jit(lambda skip: wrapper_lib.apply_or_skip(
+        inner, skip, zeros, state, params, how=how))
+    updates, same = step(jnp.bool_(True))
+    chex.assert_trees_all_equal(same, state)
+    chex.assert_trees_all_equal(updates, zeros)
+    updates, _ = step(jnp.bool_(False))  # the same call without the skip is NaN
+    self.assertTrue(np.isnan(np.asarray(updates["w"])).all())

@@ -355,12 +355,13 @@ def gaf_accumulate(
     # The cycle end is selected with jnp.where rather than an outer lax.cond:
     # a cond copies its gradient-sized outputs (aggregate, inner state) into
     # fresh buffers (4P temporaries vs P, measured in bench_memory.py). The
-    # inner optimizer itself still only runs under apply_or_skip's cond.
+    # inner optimizer itself still runs under a cond: it is due on only one
+    # microstep in K.
     emit = state.mini_step >= k - 1
     filtered, agreement = finish_running(running, grads)
     updates, inner_state = wrapper.apply_or_skip(
         inner, ~emit | agreement.skipped, filtered,
-        state.inner_state, params, **extra_args)
+        state.inner_state, params, how="cond", **extra_args)
     select = lambda new, old: jax.tree.map(lambda a, b: jnp.where(emit, a, b), new, old)
     return updates, GafAccumulateState(
         mini_step=jnp.where(emit, 0, optax.safe_increment(state.mini_step)),

@@ -147,7 +147,7 @@ def apply_if_agreed(
   (:func:`gaf_value_and_grad`): ``update(grads, state, params,
   agreement=agreement, tau=None)`` applies ``inner`` when
   ``agreement.skipped`` is False and otherwise returns zeros with the inner
-  state bit-for-bit unchanged (``lax.cond``). The state is a
+  state bit-for-bit unchanged (as :func:`with_gaf`). The state is a
   :class:`~optax_gaf.WithGafState`, so ``state.gaf_state`` logs the same
   statistics as ``with_gaf``; its ``count`` is the step to pass to a ``tau``
   schedule.
