@@ -143,6 +143,22 @@ class AgreementWeightsTest(chex.TestCase):
     np.testing.assert_allclose(out.distances[1], 1.0)
     np.testing.assert_array_equal(out.accepted, [True, False, True])
 
+  def test_distance_derivatives_are_finite_at_zero_norm(self):
+    # A zero microgradient has cos = 0 whatever its direction; the distances'
+    # derivatives with respect to the Gram matrix must not be NaN there.
+    micro = _micro(4, 3, 5, 0.95)
+    micro[1] = 0.0
+    distances = lambda g: agreement_lib.agreement_weights(g, 0.9, "mean").distances
+    for gram in (_gram(micro), jnp.zeros((4, 4), jnp.float32)):
+      jac = jax.jacobian(distances)(jnp.asarray(gram, jnp.float32))
+      chex.assert_tree_all_finite(jac)
+    # Elsewhere they are unchanged: d(1 - cos)/d<a, b> = -1 / (|a| |b|) for the
+    # second microgradient against the first (the reference).
+    gram = jnp.asarray(_gram(_micro(3, 3, 5, 0.95)), jnp.float32)
+    jac = jax.jacobian(distances)(gram)
+    expected = -1 / np.sqrt(float(gram[0, 0]) * float(gram[1, 1]))
+    np.testing.assert_allclose(jac[1, 0, 1] + jac[1, 1, 0], expected, rtol=1e-5)
+
   @settings(max_examples=8)
   @given(
       k=st.integers(2, 16),

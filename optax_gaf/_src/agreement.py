@@ -78,8 +78,11 @@ def cosine_distance(dot: jax.Array, norm2_a: jax.Array, norm2_b: jax.Array) -> j
   norm2_b = jnp.maximum(jnp.asarray(norm2_b, dtype), 0)
   product = norm2_a * norm2_b
   exact = jnp.isfinite(product) & (product >= jnp.finfo(product.dtype).tiny)
+  # Square roots of zero are taken of 1 instead (and the result zeroed), so
+  # derivatives stay finite at zero norms (d sqrt(x) / dx is infinite at 0).
+  root = lambda x: jnp.where(x > 0, jnp.sqrt(jnp.where(x > 0, x, 1)), 0)
   denom = jnp.where(exact, jnp.sqrt(jnp.where(exact, product, 1)),
-                    jnp.sqrt(norm2_a) * jnp.sqrt(norm2_b))
+                    root(norm2_a) * root(norm2_b))
   ok = denom > 0
   cos = jnp.where(ok, dot / jnp.where(ok, denom, 1), 0)
   distance = 1 - jnp.clip(cos, -1, 1)

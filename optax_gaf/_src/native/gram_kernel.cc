@@ -407,8 +407,7 @@ bool Gram(const float* x, int64_t k, int64_t n, float* g, float* sum,
 // out[n] = a0 * sum[n] + sum_{r : coef[r] != 0} coef[r] * x[r * n]. Rows with a
 // zero coefficient are never read (their NaN/Inf cannot leak), nor is sum when
 // a0 is zero. Each output vector is made in a register from all the rows it
-// needs (one sequential stream per row, each output written once), so out
-// may be sum itself: native_gram.py writes the result over S in place.
+// needs (one sequential stream per row, each output written once).
 // Large outputs are split into column ranges run on the thread pool.
 bool Combine(const float* x, int64_t k, int64_t n, const float* sum,
              const float* coef, float a0, float* out, ffi::ThreadPool* pool) {
