@@ -131,6 +131,13 @@ def make_steps(apply_fn, k, lr=0.01, tau=0.97):
           "gram_sum": (gram_sum_step, sgd)}
 
 
+def temp_mib(step_and_opt, params, batch) -> float:
+  """XLA's temporary buffer of a compiled step, in MiB (``memory_analysis``)."""
+  step, opt = step_and_opt
+  analysis = step.lower(params, opt.init(params), batch).compile().memory_analysis()
+  return analysis.temp_size_in_bytes / 2**20
+
+
 ABLATION_NOTE = (
     "gram_sum/mean (--ablation): the one-pass filter's first sweep alone (each leaf's Gram "
     "matrix and column sum S from the native kernel, then S / K and sgd; no agreement loop, "
@@ -166,7 +173,8 @@ def main(argv=None) -> int:
   }
   rows = []
   print(f"{'model':>5} {'params':>8} {'K':>2} {'full ms':>8} {'mean ms':>8} {'gaf ms':>8} "
-        f"{'gaf/mean':>8} {'min/min':>8} {'mean MiB':>8} {'gaf MiB':>8} {'accepted':>8}")
+        f"{'gaf/mean':>8} {'min/min':>8} {'mean MiB':>8} {'gaf MiB':>8} {'mean tmp':>8} "
+        f"{'gaf tmp':>8} {'accepted':>8}")
   for name in args.models:
     init, apply_fn, shape = models[name]
     params = init(jax.random.key(0))
@@ -190,12 +198,16 @@ def main(argv=None) -> int:
       ratio_min = min(all_times["gaf"]) / min(all_times["mean"])
       faults = {label: _common.page_faults_per_call(fns[label]) * 4096 / 2**20
                 for label in ("mean", "gaf")}
+      temp = {label: temp_mib(make_steps(apply_fn, k)[label], params, batch)
+              for label in ("mean", "gaf")}
       accepted = int(fns["gaf"]()[1].gaf_state.num_accepted)
       print(f"{name:>5} {n:>8d} {k:>2d} {t['full'] * 1e3:>8.2f} {t['mean'] * 1e3:>8.2f} "
             f"{t['gaf'] * 1e3:>8.2f} {ratio:>8.3f} {ratio_min:>8.3f} {faults['mean']:>8.1f} "
-            f"{faults['gaf']:>8.1f} {accepted:>8d}", flush=True)
+            f"{faults['gaf']:>8.1f} {temp['mean']:>8.1f} {temp['gaf']:>8.1f} {accepted:>8d}",
+            flush=True)
       rows.append([name, n, k, b, t["full"] * 1e3, t["mean"] * 1e3, t["gaf"] * 1e3, ratio,
-                   ratio_min, faults["mean"], faults["gaf"], accepted])
+                   ratio_min, faults["mean"], faults["gaf"], temp["mean"], temp["gaf"],
+                   accepted])
       if args.ablation:
         rows[-1].append(t["gram_sum"] / t["mean"])
         print(f"      gram_sum/mean {rows[-1][-1]:.3f}", flush=True)
@@ -209,7 +221,9 @@ def main(argv=None) -> int:
              "with_gaf(sgd); full: one grad over the whole batch + sgd (reference only). "
              "Target (mlp, cnn): gaf/mean <= 1.05. mean/gaf faulted MiB: memory freshly mapped (minor "
              "page faults x 4 KiB) per step; glibc maps buffers above its mmap threshold "
-             "(32 MiB at most by default) afresh on every allocation; run with "
+             "(32 MiB at most by default) afresh on every allocation; XLA temp MiB: the "
+             "compiled step's temporary buffer (memory_analysis; XLA:CPU allocates it in one "
+             "piece per call, so above 32 MiB it is mapped afresh each step); run with "
              "GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:"
              "glibc.malloc.trim_threshold=4294967296 to keep them. Each timed call is one step "
              "from the same initial parameters and state; accepted: microgradients in GAF's "
@@ -220,7 +234,8 @@ def main(argv=None) -> int:
     md = _common.write_results(
         args.out, "Train step: with_gaf(sgd) vs plain averaging (jitted)", info,
         ["model", "params", "K", "batch", "full ms", "mean ms", "gaf ms", "gaf/mean",
-         "gaf/mean (fastest calls)", "mean faulted MiB", "gaf faulted MiB", "accepted"]
+         "gaf/mean (fastest calls)", "mean faulted MiB", "gaf faulted MiB",
+         "mean XLA temp MiB", "gaf XLA temp MiB", "accepted"]
         + (["gram_sum/mean"] if args.ablation else []),
         rows, notes + ([ABLATION_NOTE] if args.ablation else []))
     print("\n" + md)
