@@ -136,11 +136,11 @@ class WithGafTest(chex.TestCase):
     params = {"w": jnp.ones(3)}
     state = inner.init(params)
     updates, new = wrapper_lib.apply_or_skip(inner, jnp.bool_(False), {"w": jnp.ones(3)},
-                                             state, params, how=how)
+                                             state, params, how)
     chex.assert_trees_all_equal_dtypes(new, state)
     np.testing.assert_allclose(updates["w"], -0.1 * np.ones(3))
     updates, same = wrapper_lib.apply_or_skip(inner, jnp.bool_(True), {"w": jnp.ones(3)},
-                                              state, params, how=how)
+                                              state, params, how)
     chex.assert_trees_all_equal(same, state)
     chex.assert_trees_all_equal(updates, {"w": jnp.zeros(3)})
 
@@ -158,9 +158,80 @@ class WithGafTest(chex.TestCase):
     state = inner.init(params)
     zeros = jax.tree.map(jnp.zeros_like, params)
     step = jax.jit(lambda skip: wrapper_lib.apply_or_skip(
-        inner, skip, zeros, state, params, how=how))
+        inner, skip, zeros, state, params, how))
     updates, same = step(jnp.bool_(True))
     chex.assert_trees_all_equal(same, state)
     chex.assert_trees_all_equal(updates, zeros)
     updates, _ = step(jnp.bool_(False))  # the same call without the skip is NaN
     self.assertTrue(np.isnan(np.asarray(updates["w"])).all())
+
+  @parameterized.parameters("select", "cond")
+  def test_skip_modes_agree_under_jit(self, skip_mode):
+    # Both modes, on agreeing and on skipped steps, give the same updates and
+    # states as the default, bit for bit, under jit.
+    params = {"w": jnp.ones(3), "b": jnp.zeros(())}
+    inner = optax.chain(optax.clip_by_global_norm(1.0),
+                        optax.adam(1e-2, b1=0.8), optax.add_decayed_weights(1e-3))
+    ref, opt = (optax_gaf.with_gaf(inner, 0.5, skip_mode=m) for m in ("select", skip_mode))
+    state_ref, state = ref.init(params), opt.init(params)
+    grads = [{"w": jnp.array([[1., 2., 3.], [1., 2., 2.5]]), "b": jnp.array([1., 1.])},
+             {"w": jnp.array([[1., 0., 0.], [-1., 0., 0.]]), "b": jnp.array([0., 0.])}]
+    for g in grads + grads:
+      u_ref, state_ref = jax.jit(ref.update)(g, state_ref, params)
+      u, state = jax.jit(opt.update)(g, state, params)
+      chex.assert_trees_all_equal(u, u_ref)
+      chex.assert_trees_all_equal(state, state_ref)
+    self.assertEqual(int(state.gaf_state.num_skipped), 2)
+
+  @parameterized.parameters("select", "cond")
+  def test_prng_key_inner_state_runs_eagerly(self, skip_mode):
+    # optax.add_noise keeps a typed PRNG key in its state: casting it back to
+    # its own dtype must not be attempted (it failed without jit).
+    inner = optax.chain(optax.add_noise(0.01, 0.55, 0), optax.sgd(0.1))
+    opt = optax_gaf.with_gaf(inner, 0.5, skip_mode=skip_mode)
+    params = {"w": jnp.zeros(2)}
+    state = opt.init(params)
+    for micro in (jnp.array([[1., 0.], [1., 0.1]]), jnp.array([[1., 0.], [-1., 0.]])):
+      eager, state_eager = opt.update({"w": micro}, state, params)
+      jitted, _ = jax.jit(opt.update)({"w": micro}, state, params)
+      chex.assert_trees_all_close(eager, jitted, rtol=1e-6)
+      state = state_eager
+    self.assertEqual(int(state.gaf_state.num_skipped), 1)
+
+  def test_cond_mode_keeps_derivatives_finite_on_skips(self):
+    # Differentiating through a skipped update: with the cond the skipped
+    # branch's derivative is never evaluated; with the select, adam's infinite
+    # derivative of sqrt at nu = 0 meets a zero cotangent (0 * inf = NaN)
+    # unless eps_root > 0, as optax documents for meta-gradients.
+    params = {"w": jnp.zeros(2)}
+    skip = jnp.array([[1., 0.], [-1., 0.]])
+
+    def meta_grad(inner, skip_mode):
+      opt = optax_gaf.with_gaf(inner, 0.5, skip_mode=skip_mode)
+      state = opt.init(params)
+      def f(micro):
+        updates, new = opt.update({"w": micro}, state, params)
+        return jnp.sum(updates["w"]) + jnp.sum(new.inner_state[0].nu["w"])
+      return jax.grad(f)(skip)
+
+    np.testing.assert_array_equal(meta_grad(optax.adam(1e-2), "cond"), np.zeros((2, 2)))
+    self.assertTrue(np.isnan(meta_grad(optax.adam(1e-2), "select")).all())
+    np.testing.assert_array_equal(
+        meta_grad(optax.adam(1e-2, eps_root=1e-8), "select"), np.zeros((2, 2)))
+
+  def test_unknown_skip_mode_is_rejected(self):
+    with self.assertRaisesRegex(ValueError, "skip_mode"):
+      optax_gaf.with_gaf(optax.sgd(1.0), skip_mode="Select")
+    with self.assertRaisesRegex(ValueError, "skip_mode"):
+      optax_gaf.apply_if_agreed(optax.sgd(1.0), skip_mode="where")
+
+  def test_extra_arg_named_like_a_parameter_reaches_the_inner(self):
+    seen = {}
+    def update(updates, state, params=None, *, mode=None, how=None):
+      seen.update(mode=mode, how=how)
+      return updates, state
+    inner = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+    opt = optax_gaf.with_gaf(inner, 2.0)
+    params = {"w": jnp.zeros(2)}
+    opt.update({"w": jnp.ones((2, 2))}, opt.init(params), params, mode="m", how="h")
+    self.assertEqual(seen, {"mode": "m", "how": "h"})

@@ -361,7 +361,7 @@ def gaf_accumulate(
     filtered, agreement = finish_running(running, grads)
     updates, inner_state = wrapper.apply_or_skip(
         inner, ~emit | agreement.skipped, filtered,
-        state.inner_state, params, how="cond", **extra_args)
+        state.inner_state, params, "cond", extra_args)
     select = lambda new, old: jax.tree.map(lambda a, b: jnp.where(emit, a, b), new, old)
     return updates, GafAccumulateState(
         mini_step=jnp.where(emit, 0, optax.safe_increment(state.mini_step)),

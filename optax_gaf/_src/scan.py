@@ -140,6 +140,7 @@ def apply_if_agreed(
     inner: optax.GradientTransformation,
     *,
     num_microbatches: int | None = None,
+    skip_mode: wrapper.SkipMode = "select",
 ) -> optax.GradientTransformationExtraArgs:
   """Runs ``inner`` on an already filtered gradient unless the filter skipped.
 
@@ -157,6 +158,7 @@ def apply_if_agreed(
     num_microbatches: K, if known: gives ``gaf_state``'s per-microbatch
       fields their length at ``init`` (pass it to carry the state through
       ``lax.scan``).
+    skip_mode: ``"select"`` (default) or ``"cond"``, as in :func:`with_gaf`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. ``update`` requires the
@@ -176,6 +178,7 @@ def apply_if_agreed(
     (True, False)
   """
   k_static = base.check_num_microbatches(num_microbatches)
+  wrapper.check_skip_mode(skip_mode, "apply_if_agreed")
 
   def init_fn(params: optax.Params) -> wrapper.WithGafState:
     return wrapper.WithGafState(
@@ -193,7 +196,7 @@ def apply_if_agreed(
     transform.check_state_size(
         state.gaf_state, agreement.weights.shape[0], k_static)
     updates, inner_state = wrapper.apply_or_skip(
-        inner, agreement.skipped, grads, state.inner_state, params, **extra_args)
+        inner, agreement.skipped, grads, state.inner_state, params, skip_mode, extra_args)
     tau_logged = state.gaf_state.tau if tau is None else tau
     gaf_state = transform.next_gaf_state(state.gaf_state, tau_logged, agreement)
     return updates, wrapper.WithGafState(gaf_state=gaf_state, inner_state=inner_state)

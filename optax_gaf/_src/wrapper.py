@@ -25,15 +25,25 @@ class WithGafState(NamedTuple):
   inner_state: Any
 
 
+SkipMode = Literal["select", "cond"]
+_SKIP_MODES = ("select", "cond")
+
+
+def check_skip_mode(skip_mode: Any, caller: str) -> None:
+  """Raises a ``ValueError`` naming ``skip_mode`` unless it is a known mode."""
+  if skip_mode not in _SKIP_MODES:
+    raise ValueError(
+        f"`{caller}(skip_mode=...)` must be one of {_SKIP_MODES}, got {skip_mode!r}")
+
+
 def apply_or_skip(
     inner: optax.GradientTransformation,
     skip: jax.Array,
     updates: optax.Updates,
     inner_state: Any,
     params: optax.Params | None,
-    *,
-    how: Literal["select", "cond"] = "select",
-    **extra_args,
+    mode: SkipMode = "select",
+    extra_args: dict[str, Any] | None = None,
 ) -> tuple[optax.Updates, Any]:
   """Runs ``inner.update`` unless ``skip``; on a skip returns zeros and the old state.
 
@@ -46,28 +56,30 @@ def apply_or_skip(
     updates: the (filtered) gradient, finite (zeros on a skip).
     inner_state: ``inner``'s state.
     params: passed to ``inner.update``.
-    how: ``"select"`` evaluates ``inner.update`` on every step and keeps
-      either its results or zeros and the old state, elementwise; XLA then
-      fuses the optimizer with the filter's output and the parameter update
-      (with_gaf's train step: 0.5-1% faster than a ``lax.cond`` at 1.9M
-      parameters on CPU). ``"cond"`` runs ``inner.update`` under
-      ``lax.cond``, so a skip costs nothing; its outputs go to fresh
-      buffers. Either way the returned values are identical.
-    **extra_args: passed to ``inner.update``.
+    mode: ``"select"`` evaluates ``inner.update`` on every step and keeps
+      either its results or zeros and the old state, elementwise, so XLA can
+      fuse the optimizer with what produced ``updates`` and with the
+      parameter update. ``"cond"`` runs ``inner.update`` under ``lax.cond``:
+      a skip costs nothing and differentiation never enters the skipped
+      branch, but the outputs go to fresh buffers. Under ``jit`` both return
+      the same values.
+    extra_args: keyword arguments for ``inner.update``.
 
   Returns:
     ``(updates, inner_state)``.
   """
   inner = optax.with_extra_args_support(inner)
+  extra_args = {} if extra_args is None else extra_args
+
+  def cast(new, old):
+    new, old = jnp.asarray(new), jnp.asarray(old)
+    return new if new.dtype == old.dtype else new.astype(old.dtype)
 
   def do_update(_):
     new_updates, new_state = inner.update(updates, inner_state, params, **extra_args)
-    new_state = jax.tree.map(
-        lambda new, old: jnp.asarray(new).astype(jnp.asarray(old).dtype),
-        new_state, inner_state)
-    return new_updates, new_state
+    return new_updates, jax.tree.map(cast, new_state, inner_state)
 
-  if how == "select":
+  if mode == "select":
     new_updates, new_state = do_update(None)
     keep = lambda new, old: jnp.where(skip, old, new)
     return (jax.tree.map(lambda u: keep(u, jnp.zeros_like(u)), new_updates),
@@ -93,6 +105,7 @@ def with_gaf(
     sketch_dim: int | None = None,
     sketch_seed: int = 0,
     local_axis: bool = True,
+    skip_mode: SkipMode = "select",
 ) -> optax.GradientTransformationExtraArgs:
   """Gradient Agreement Filtering in front of an optimizer, with true skips.
 
@@ -100,10 +113,9 @@ def with_gaf(
   ``inner`` to the filtered gradient. When nothing agreed (a skip), ``inner``'s
   step does not happen: its state stays bit-for-bit unchanged and the
   returned updates are zeros, as the authors' code skips ``optimizer.step()``.
-  ``inner.update`` is still evaluated on a skip and its results are
-  discarded elementwise with ``jnp.where``, so XLA fuses the optimizer with
-  the filter and the parameter update (a ``lax.cond`` would write the updates
-  and state to fresh buffers).
+  By default (``skip_mode="select"``) ``inner.update`` is still evaluated on
+  a skip and its results are discarded elementwise with ``jnp.where``, so
+  XLA fuses the optimizer with the filter and the parameter update.
 
   Args:
     inner: the optimizer to run on the filtered gradient (e.g.
@@ -118,6 +130,18 @@ def with_gaf(
     sketch_dim: sketch size for ``mode="sketch"``.
     sketch_seed: seed of the sketch signs.
     local_axis: whether each device's leaves have a local microbatch axis.
+    skip_mode: ``"select"`` (default) or ``"cond"``: how a skip keeps the
+      inner optimizer from stepping. ``"select"`` evaluates ``inner`` every
+      step and discards its results on a skip (less memory, and on CPU
+      slightly faster: see the README's Semantics). ``"cond"`` runs ``inner``
+      under ``lax.cond``: choose it when differentiating through the update
+      (the skipped branch's derivative is then never evaluated; with the
+      select, an inner whose derivative is infinite at a zero gradient, such
+      as ``optax.adam`` with ``eps_root=0``, gives NaN derivatives on skipped
+      steps), for an inner whose update is expensive, or to run eagerly
+      with ``jax_debug_nans`` (with the select, an inner that divides by the
+      gradient's norm makes a discarded NaN on every skip). Under ``jit``
+      both return the same values.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -139,6 +163,7 @@ def with_gaf(
   """
   gaf = transform.make_gaf(tau, combine, num_microbatches, axis_name, mode,
                            sketch_dim, sketch_seed, local_axis, caller="with_gaf")
+  check_skip_mode(skip_mode, "with_gaf")
 
   def init_fn(params: optax.Params) -> WithGafState:
     return WithGafState(gaf_state=gaf.init(params), inner_state=inner.init(params))
@@ -146,7 +171,7 @@ def with_gaf(
   def update_fn(grads, state: WithGafState, params=None, **extra_args):
     filtered, gaf_state = gaf.update(grads, state.gaf_state, params)
     updates, inner_state = apply_or_skip(
-        inner, gaf_state.skipped, filtered, state.inner_state, params, **extra_args)
+        inner, gaf_state.skipped, filtered, state.inner_state, params, skip_mode, extra_args)
     return updates, WithGafState(gaf_state=gaf_state, inner_state=inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
