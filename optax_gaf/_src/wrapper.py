@@ -140,8 +140,9 @@ def with_gaf(
       as ``optax.adam`` with ``eps_root=0``, gives NaN derivatives on skipped
       steps), for an inner whose update is expensive, or to run eagerly
       with ``jax_debug_nans`` (with the select, an inner that divides by the
-      gradient's norm makes a discarded NaN on every skip). Under ``jit``
-      both return the same values.
+      gradient's norm makes a discarded NaN on every skip), or when the
+      inner has side effects (``jax.debug.callback``) that must not run on
+      skipped steps. Under ``jit`` both return the same values.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
