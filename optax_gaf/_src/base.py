@@ -40,11 +40,15 @@ def check_tau(tau: TauLike, name: str = "tau") -> None:
         f"`{name}` must be in [0, 2] (cosine distance threshold), got {v}")
 
 
+def check_choice(value: Any, choices: tuple[str, ...], name: str) -> None:
+  """Raises ValueError naming argument ``name`` unless ``value`` is in ``choices``."""
+  if value not in choices:
+    raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
+
+
 def check_combine(combine: str) -> None:
   """Raises ValueError if ``combine`` is not one of the fold rules."""
-  if combine not in COMBINE_RULES:
-    raise ValueError(
-        f"`combine` must be one of {COMBINE_RULES}, got {combine!r}")
+  check_choice(combine, COMBINE_RULES, "combine")
 
 
 def check_floating_leaf(leaf: Any, name: str) -> None:

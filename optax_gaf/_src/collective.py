@@ -91,8 +91,7 @@ def make_config(
       in sketch mode (or given in another mode), or multi-device options given
       without ``axis_name``.
   """
-  if mode not in MODES:
-    raise ValueError(f"`{caller}(mode=...)` must be one of {MODES}, got {mode!r}")
+  base.check_choice(mode, MODES, f"{caller}(mode=...)")
   if sketch_dim is not None:
     if (isinstance(sketch_dim, bool) or not isinstance(sketch_dim, (int, np.integer))
         or sketch_dim < 1):

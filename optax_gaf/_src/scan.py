@@ -178,7 +178,7 @@ def apply_if_agreed(
     (True, False)
   """
   k_static = base.check_num_microbatches(num_microbatches)
-  wrapper.check_skip_mode(skip_mode, "apply_if_agreed")
+  base.check_choice(skip_mode, wrapper.SKIP_MODES, "apply_if_agreed(skip_mode=...)")
 
   def init_fn(params: optax.Params) -> wrapper.WithGafState:
     return wrapper.WithGafState(

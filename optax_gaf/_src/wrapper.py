@@ -26,14 +26,7 @@ class WithGafState(NamedTuple):
 
 
 SkipMode = Literal["select", "cond"]
-_SKIP_MODES = ("select", "cond")
-
-
-def check_skip_mode(skip_mode: Any, caller: str) -> None:
-  """Raises a ``ValueError`` naming ``skip_mode`` unless it is a known mode."""
-  if skip_mode not in _SKIP_MODES:
-    raise ValueError(
-        f"`{caller}(skip_mode=...)` must be one of {_SKIP_MODES}, got {skip_mode!r}")
+SKIP_MODES: tuple[str, ...] = ("select", "cond")
 
 
 def apply_or_skip(
@@ -164,7 +157,7 @@ def with_gaf(
   """
   gaf = transform.make_gaf(tau, combine, num_microbatches, axis_name, mode,
                            sketch_dim, sketch_seed, local_axis, caller="with_gaf")
-  check_skip_mode(skip_mode, "with_gaf")
+  base.check_choice(skip_mode, SKIP_MODES, "with_gaf(skip_mode=...)")
 
   def init_fn(params: optax.Params) -> WithGafState:
     return WithGafState(gaf_state=gaf.init(params), inner_state=inner.init(params))
