@@ -109,10 +109,7 @@ def main(argv=None) -> int:
   dtype = jnp.float32
   gaf = optax_gaf.gaf(1.0, combine=args.combine)
 
-  @jax.jit
-  def mean_fn(grads):
-    k = jax.tree.leaves(grads)[0].shape[0]
-    return jax.tree.map(lambda g: jnp.tensordot(jnp.full((k,), 1 / k, g.dtype), g, 1), grads)
+  mean_fn = jax.jit(_common.tensordot_mean)
 
   @jax.jit
   def gaf_fn(grads, state):

@@ -81,8 +81,7 @@ def main(argv=None) -> int:
     return jnp.reshape(x, (x.shape[0], -1))
 
   fns = {
-      "mean": jax.jit(lambda g: jax.tree.map(
-          lambda x: jnp.tensordot(jnp.full((x.shape[0],), 1 / x.shape[0], x.dtype), x, 1), g)),
+      "mean": jax.jit(_common.tensordot_mean),
       "gram": jax.jit(gram_lib.gram_matrix),
       "gram_xla": jax.jit(lambda g: sum(
           gram_lib.leaf_products(as_matrix(x), as_matrix(x), jnp.dtype(jnp.float32))
@@ -167,7 +166,7 @@ def single_leaves(args) -> int:
   from optax_gaf._src import gram as gram_lib
 
   f32 = jnp.dtype(jnp.float32)
-  mean = jax.jit(lambda x: jnp.tensordot(jnp.full((x.shape[0],), 1 / x.shape[0], x.dtype), x, 1))
+  mean = jax.jit(_common.tensordot_mean)
   from optax_gaf._src import native_gram
   fns = {
       "dot": jax.jit(lambda x: gram_lib.dot(x, x, f32)),
@@ -259,7 +258,7 @@ def alternatives(args) -> int:
 
   k = 8
   f32 = jnp.dtype(jnp.float32)
-  mean = jax.jit(lambda x: jnp.tensordot(jnp.full((k,), 1 / k, x.dtype), x, 1))
+  mean = jax.jit(_common.tensordot_mean)
   from optax_gaf._src import native_gram
   fns = {"xla": jax.jit(lambda x: gram_lib.leaf_products(x, x, f32))}
   if native_gram.available():

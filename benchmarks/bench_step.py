@@ -97,8 +97,7 @@ def make_steps(apply_fn, k, lr=0.01, tau=0.97):
 
   @jax.jit
   def mean_step(params, state, batch):
-    grads = micro(params, batch)
-    grads = jax.tree.map(lambda g: jnp.tensordot(jnp.full((k,), 1 / k, g.dtype), g, 1), grads)
+    grads = _common.tensordot_mean(micro(params, batch))
     updates, state = sgd.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
@@ -184,7 +183,8 @@ def main(argv=None) -> int:
       kx, ky = jax.random.split(jax.random.key(1))
       batch = {"x": jax.random.normal(kx, (b, *shape)), "y": jax.random.randint(ky, (b,), 0, 10)}
       fns = {}
-      for label, (step, opt) in make_steps(apply_fn, k).items():
+      steps = make_steps(apply_fn, k)
+      for label, (step, opt) in steps.items():
         if label == "gram_sum" and not args.ablation:
           continue
         # Every call is one step from the same parameters and state, so every
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
       ratio_min = min(all_times["gaf"]) / min(all_times["mean"])
       faults = {label: _common.page_faults_per_call(fns[label]) * 4096 / 2**20
                 for label in ("mean", "gaf")}
-      temp = {label: temp_mib(make_steps(apply_fn, k)[label], params, batch)
+      temp = {label: temp_mib(steps[label], params, batch)
               for label in ("mean", "gaf")}
       accepted = int(fns["gaf"]()[1].gaf_state.num_accepted)
       print(f"{name:>5} {n:>8d} {k:>2d} {t['full'] * 1e3:>8.2f} {t['mean'] * 1e3:>8.2f} "

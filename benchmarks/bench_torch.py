@@ -78,39 +78,38 @@ def jax_mlp_loss(params, batch):
 
 
 def make_jax_step(k, lr, momentum, tau):
+  """A jitted step: K vmapped microgradients, then GAF (or plain averaging if
+  ``tau`` is None), SGD with momentum. Returns ``(optimizer, step)``."""
   import jax
   import optax
   import optax_gaf
-  opt = optax_gaf.with_gaf(optax.sgd(lr, momentum=momentum), tau, combine="pairwise",
-                           num_microbatches=k)
+  sgd = optax.sgd(lr, momentum=momentum)
+  opt = sgd if tau is None else optax_gaf.with_gaf(sgd, tau, combine="pairwise",
+                                                   num_microbatches=k)
   grad_fn = optax_gaf.microbatch_grads(jax_mlp_loss, k)
 
   @jax.jit
   def step(params, state, batch):
     grads = grad_fn(params, batch)
+    if tau is None:
+      grads = _common.tensordot_mean(grads)
     updates, state = opt.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
   return opt, step
 
 
-def make_jax_mean_step(k, lr, momentum):
-  """The same step with the K microgradients averaged: no filter (reference)."""
-  import jax
-  import jax.numpy as jnp
-  import optax
-  import optax_gaf
-  opt = optax.sgd(lr, momentum=momentum)
-  grad_fn = optax_gaf.microbatch_grads(jax_mlp_loss, k)
+def boxed_step(k, lr, momentum, tau, params, batch):
+  """A no-argument call of :func:`make_jax_step`'s step that carries its own
+  parameters and state from call to call, as a training loop does."""
+  opt, step = make_jax_step(k, lr, momentum, tau)
+  box = {"params": params, "state": opt.init(params)}
 
-  @jax.jit
-  def step(params, state, batch):
-    grads = jax.tree.map(lambda g: jnp.tensordot(jnp.full((k,), 1 / k, g.dtype), g, 1),
-                         grad_fn(params, batch))
-    updates, state = opt.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
+  def call():
+    box["params"], box["state"] = step(box["params"], box["state"], batch)
+    return box["params"]
 
-  return opt, step
+  return call
 
 
 def make_data(num_steps, k, mb, d_in, classes, seed):
@@ -243,34 +242,20 @@ def main(argv=None) -> int:
       criterion = torch.nn.CrossEntropyLoss()
       mbs = torch_microbatches(xs[0], ys[0], k)
       xt, yt = torch.from_numpy(xs[0]), torch.from_numpy(ys[0])
-      opt, step = make_jax_step(k, args.lr, momentum, args.tau)
       batch = {"x": jnp.asarray(xs[0]), "y": jnp.asarray(ys[0])}
-      box = {"params": params, "state": opt.init(params)}
-
-      def jax_step(step=step, box=box, batch=batch):
-        box["params"], box["state"] = step(box["params"], box["state"], batch)
-        return box["params"]
-
-      mean_opt, mean_step = make_jax_mean_step(k, args.lr, momentum)
-      mean_box = {"params": params, "state": mean_opt.init(params)}
-
-      def jax_mean_step(step=mean_step, box=mean_box, batch=batch):
-        box["params"], box["state"] = step(box["params"], box["state"], batch)
-        return box["params"]
-
       fns = {
           "step_GAF": lambda: gaf_torch.step_GAF(
               model, optimizer, criterion, mbs, wandb=False, verbose=False,
               cos_distance_thresh=args.tau),
           "torch loop": lambda: torch_loop_step(model, optimizer, criterion, xt, yt, k, args.tau),
-          "optax_gaf": jax_step,
-          "jax averaging": jax_mean_step,
+          "optax_gaf": boxed_step(k, args.lr, momentum, args.tau, params, batch),
+          "jax averaging": boxed_step(k, args.lr, momentum, None, params, batch),
       }
       block = lambda out: out if isinstance(out, (dict, type(None))) else jax.block_until_ready(out)
       # Blocks of consecutive calls, alternating between contenders round by
       # round: alternating on every call would slow both runtimes (each one's
       # worker threads spin-wait after a call), which no single-framework user
-      # sees; blocks still spread the machine's slow spells over all three.
+      # sees; blocks still spread the machine's slow spells over all of them.
       times = _common.time_rounds(fns, rounds=args.rounds, calls=args.calls, block=block)
       t = {name: statistics.median(v for r in rs for v in r) for name, rs in times.items()}
       per_round = [statistics.median(a) / statistics.median(b)
