@@ -293,6 +293,44 @@ class GafEdgeCaseTest(chex.TestCase):
                      jnp.int32)
 
 
+  def test_state_packs_nine_statistics_in_three_arrays(self):
+    grads = _grads(8, 4, [(3,), (2, 2)], rho=0.9)
+    grads["p0"] = grads["p0"].at[2].set(jnp.nan)
+    tx = optax_gaf.gaf(0.5, num_microbatches=4)
+    _, state = jax.jit(tx.update)(grads, tx.init({"p0": jnp.zeros(3), "p1": jnp.zeros((2, 2))}))
+    self.assertLen(jax.tree.leaves(state), 3)
+    stats = state.as_dict()
+    self.assertEqual(tuple(stats), ("count", "tau", "distances", "accepted", "finite",
+                                    "num_accepted", "skipped", "num_skipped", "num_dropped"))
+    # The packed arrays hold what the filter decided (checked against agreement_weights).
+    gram = sum(jnp.einsum("i...,j...->ij", g, g) for g in jax.tree.leaves(grads))
+    agree = optax_gaf.agreement_weights(gram, 0.5, "mean")
+    chex.assert_trees_all_equal(stats["distances"], agree.distances.astype(jnp.float32))
+    chex.assert_trees_all_equal(stats["accepted"], agree.accepted)
+    chex.assert_trees_all_equal(stats["finite"], jnp.array([True, True, False, True]))
+    self.assertEqual(int(stats["count"]), 1)
+    self.assertEqual(int(stats["num_dropped"]), 1)
+    self.assertEqual(int(stats["num_accepted"]), int(agree.num_accepted))
+    self.assertEqual(bool(stats["skipped"]), bool(agree.skipped))
+    self.assertEqual(int(stats["num_skipped"]), int(agree.skipped))
+    self.assertAlmostEqual(float(stats["tau"]), 0.5)
+    self.assertIn("num_dropped=Array(1", repr(state))
+
+  def test_batched_state_gives_batched_statistics(self):
+    tx = optax_gaf.gaf(num_microbatches=4)
+    params = {"p0": jnp.zeros((5, 3))}  # a batch of 5 parameter sets
+    grads = {"p0": jax.random.normal(jax.random.key(0), (5, 4, 3))}
+    states = jax.vmap(tx.init)(params)
+    _, states = jax.vmap(tx.update)(grads, states)
+    chex.assert_shape([states.distances, states.accepted, states.finite], (5, 4))
+    chex.assert_shape([states.count, states.tau, states.num_accepted, states.skipped,
+                       states.num_skipped, states.num_dropped], (5,))
+    for b in range(5):
+      _, one = tx.update({"p0": grads["p0"][b]}, tx.init({"p0": params["p0"][b]}))
+      chex.assert_trees_all_close(jax.tree.map(lambda x: x[b], states.as_dict()),
+                                  one.as_dict(), atol=1e-6)
+
+
 class GafCompositionTest(chex.TestCase):
 
   def test_chain_with_momentum_adam_adamw_matches_reference_pipeline(self):
