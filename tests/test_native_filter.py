@@ -327,6 +327,50 @@ def test_vmap_and_with_gaf_train_step():
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
+def _calls(fn, grads, target):
+  return fn.lower(grads).as_text().count(f"custom_call @{target}")
+
+
+SMALL_SHAPES = [(40, 60), (5,), (40,), (3, 3), (), (2000,), (17, 4)]
+
+
+def test_small_leaves_are_grouped_in_leaf_order():
+  mats = [jnp.zeros((8, int(np.prod(s)))) for s in SMALL_SHAPES]
+  blocks = native_filter.group_small_leaves(mats)
+  # 8 x 2000 = 16000 and 8 x 2400 values are above the 8192 limit: alone.
+  assert [members for members, _ in blocks] == [[0], [5], [1, 2, 3, 4, 6]]
+  assert blocks[-1][1].shape == (8, 5 + 40 + 9 + 1 + 68)
+  assert blocks[0][1] is mats[0]  # a large leaf is never copied
+  one_small = native_filter.group_small_leaves([mats[0], mats[1]])
+  assert [members for members, _ in one_small] == [[0], [1]]
+
+
+@needs_kernel
+@pytest.mark.parametrize("rejected", [[], [3], [1, 4, 6]])
+def test_grouped_small_leaves_equal_the_oracle_with_one_call_each(rejected):
+  k = 8
+  grads = ref_lib.correlated_micrograds(np.random.default_rng(11), k, SMALL_SHAPES, 0.9, 0.2)
+  for i in rejected:
+    for leaf in grads.values():
+      leaf[i] *= -1
+  grads["p2"][5, 7] = np.nan  # a dropped microgradient, NaN only in a grouped leaf
+  want, ref = ref_lib.gaf_reference_tree(grads, 1.0, "mean")
+  assert ref_lib.decision_margin(ref, 1.0) > 1e-3 and not ref.finite[5]
+  gaf = optax_gaf.gaf(1.0)
+  fn = jax.jit(lambda g: gaf.update(g, gaf.init(None)))
+  # Two large leaves alone and one group: three calls of each kernel, not seven.
+  assert _calls(fn, grads, native_gram.GRAM_SUM_TARGET) == 3
+  assert _calls(fn, grads, native_gram.COMBINE_TARGET) == 3
+  got, state = fn(grads)
+  assert not bool(state.finite[5])
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+  # The same as one kernel call per leaf, up to the order of the Gram sums.
+  with mock.patch.object(native_filter, "_SMALL_ELEMENTS", 0):
+    per_leaf = jax.jit(lambda g: gaf.update(g, gaf.init(None))[0])
+    assert _calls(per_leaf, grads, native_gram.GRAM_SUM_TARGET) == 7
+    chex.assert_trees_all_close(got, per_leaf(grads), rtol=1e-6, atol=1e-7)
+
+
 def test_applicability():
   f32 = {"w": jnp.ones((4, 3))}
   assert native_filter.applicable(f32) == native_gram.available()

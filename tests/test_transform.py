@@ -305,7 +305,9 @@ class GafEdgeCaseTest(chex.TestCase):
     # The packed arrays hold what the filter decided (checked against agreement_weights).
     gram = sum(jnp.einsum("i...,j...->ij", g, g) for g in jax.tree.leaves(grads))
     agree = optax_gaf.agreement_weights(gram, 0.5, "mean")
-    chex.assert_trees_all_equal(stats["distances"], agree.distances.astype(jnp.float32))
+    # (the reference Gram matrix sums in another order: last bits may differ)
+    chex.assert_trees_all_close(stats["distances"], agree.distances.astype(jnp.float32),
+                                rtol=1e-6, atol=1e-6)
     chex.assert_trees_all_equal(stats["accepted"], agree.accepted)
     chex.assert_trees_all_equal(stats["finite"], jnp.array([True, True, False, True]))
     self.assertEqual(int(stats["count"]), 1)

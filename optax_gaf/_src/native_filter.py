@@ -23,6 +23,9 @@ elements whose true update is tiny or zero, and an optimizer that scales
 each element (Adam) would turn that into a full step. Rows with zero weight
 are never read, so dropped NaN/Inf cannot leak into the update.
 
+Small leaves (biases, norm scales) are concatenated into one matrix first,
+so that they take one call of each kernel in all (``group_small_leaves``).
+
 Used for float32 microgradients on single-device CPU runs when the native
 kernel is available (the same conditions as the native Gram matrix).
 """
@@ -30,16 +33,22 @@ kernel is available (the same conditions as the native Gram matrix).
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 from optax_gaf._src import agreement as agreement_lib
 from optax_gaf._src import base
 from optax_gaf._src import combine as combine_lib
 from optax_gaf._src import gram as gram_lib
 from optax_gaf._src import native_gram
+
+# Leaves of at most this many values (K x n) share one kernel call with the
+# other small leaves (see group_small_leaves).
+_SMALL_ELEMENTS = 8192
 
 # Weights at least this many float32 epsilons apart (relative; more at large
 # K, see split_weights) count as different.
@@ -67,14 +76,43 @@ def filter_microgradients(
     ``(filtered, agreement)`` as ``transform.filter_microgradients``.
   """
   leaves, treedef = jax.tree.flatten(grads)
-  mats = [gram_lib.as_matrix(x) for x in leaves]
-  grams, sums = zip(*(_gram_and_sum(m) for m in mats))
+  blocks = group_small_leaves([gram_lib.as_matrix(x) for x in leaves])
+  grams, sums = zip(*(_gram_and_sum(m) for _, m in blocks))
   gram = functools.reduce(jnp.add, grams)
   agreement = agreement_lib.weights_from_gram(gram, tau, combine)
   coef, a0 = split_weights(agreement.weights, agreement.finite)
-  outs = [jnp.reshape(_combine(m, s, coef, a0), x.shape[1:])
-          for m, s, x in zip(mats, sums, leaves)]
+  outs = [None] * len(leaves)
+  for (members, m), total in zip(blocks, sums):
+    out = _combine(m, total, coef, a0)
+    starts = np.cumsum([0] + [math.prod(leaves[i].shape[1:]) for i in members])
+    for i, start, stop in zip(members, starts[:-1], starts[1:]):
+      piece = out if len(members) == 1 else out[start:stop]
+      outs[i] = jnp.reshape(piece, leaves[i].shape[1:])
   return jax.tree.unflatten(treedef, outs), agreement
+
+
+def group_small_leaves(mats: list[jax.Array]) -> list[tuple[list[int], jax.Array]]:
+  """Joins the small ``[K, n]`` leaves into one matrix, side by side.
+
+  Each kernel call costs about a microsecond besides its work, as much as
+  copying a few tens of kilobytes; models have many small leaves (biases,
+  norm scales). Leaves with at most ``_SMALL_ELEMENTS`` values (K x n) are
+  concatenated along n into one matrix, so they take one Gram-and-sum call
+  and one combine call in all; each larger leaf keeps its own calls (and is
+  never copied).
+
+  Args:
+    mats: the leaves as ``[K, n_i]`` matrices.
+
+  Returns:
+    ``[(leaf indices, matrix), ...]``: each larger leaf alone, then the small
+    leaves (if there are at least two) as one block in leaf order.
+  """
+  small = [i for i, m in enumerate(mats) if m.size <= _SMALL_ELEMENTS]
+  if len(small) < 2:
+    return [([i], m) for i, m in enumerate(mats)]
+  group = (small, jnp.concatenate([mats[i] for i in small], axis=1))
+  return [([i], m) for i, m in enumerate(mats) if m.size > _SMALL_ELEMENTS] + [group]
 
 
 def split_weights(weights: jax.Array, finite: jax.Array) -> tuple[jax.Array, jax.Array]:
