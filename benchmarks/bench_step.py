@@ -12,13 +12,16 @@ microbatch axis) with the same optimizer. Every timed call is one step from
 the same initial parameters and optimizer state, so all calls do the same
 work; the table reports how many microgradients GAF accepted there. Models: an MLP and a small CNN,
 each with more than 1M parameters (target: gaf/mean <= 1.05), and, with
-``--models mlp_small``, the 0.10M-parameter MLP of ``bench_torch.py``.
+``--models mlp_small``, the 0.10M-parameter MLP of ``bench_torch.py``, or
+with ``--models mlp_ln``, a 1.0M-parameter residual MLP with LayerNorm and 52
+leaves (12 blocks of width 256).
 
 Usage::
 
   python benchmarks/bench_step.py --threads 1
   python benchmarks/bench_step.py --threads 1 --models mlp_small --out step_small
   python benchmarks/bench_step.py --threads 1 --models mlp --ks 8 --ablation --out step_ablation
+  python benchmarks/bench_step.py --threads 1 --models mlp_ln --out step_ln
   python benchmarks/bench_step.py --quick
 """
 
@@ -52,6 +55,32 @@ def mlp_apply(params, x):
     if i < len(params) - 1:
       h = jax.nn.relu(h)
   return h
+
+
+def init_mlp_ln(key, width=256, depth=12, d_in=784, classes=10):
+  """dense(width) -> depth x residual [dense + LayerNorm + gelu] -> dense(classes).
+
+  Many leaves (4 per block: kernel, bias, norm scale and bias; 52 in all), most
+  of them small, as in transformers and normalised MLPs.
+  """
+  import jax
+  import jax.numpy as jnp
+  ks = jax.random.split(key, depth + 2)
+  dense = lambda k, a, b: {"w": jax.random.normal(k, (a, b)) / jnp.sqrt(a), "b": jnp.zeros((b,))}
+  blocks = [{**dense(k, width, width), "scale": jnp.ones((width,)), "shift": jnp.zeros((width,))}
+            for k in ks[1:-1]]
+  return {"inp": dense(ks[0], d_in, width), "blocks": blocks, "out": dense(ks[-1], width, classes)}
+
+
+def mlp_ln_apply(params, x):
+  import jax
+  import jax.numpy as jnp
+  h = x.reshape(x.shape[0], -1) @ params["inp"]["w"] + params["inp"]["b"]
+  for p in params["blocks"]:
+    z = h @ p["w"] + p["b"]
+    z = (z - z.mean(-1, keepdims=True)) / jnp.sqrt(z.var(-1, keepdims=True) + 1e-5)
+    h = h + jax.nn.gelu(z * p["scale"] + p["shift"])
+  return h @ params["out"]["w"] + params["out"]["b"]
 
 
 def init_cnn(key, image=32, channels=3, classes=10):
@@ -147,7 +176,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--ks", type=int, nargs="+", default=[4, 8])
   parser.add_argument("--models", nargs="+", default=["mlp", "cnn"],
-                      choices=["mlp", "cnn", "mlp_small"])
+                      choices=["mlp", "cnn", "mlp_small", "mlp_ln"])
   parser.add_argument("--microbatch", type=int, default=32, help="examples per microbatch")
   parser.add_argument("--repeats", type=int, default=40)
   parser.add_argument("--threads", type=int, default=None)
@@ -169,6 +198,8 @@ def main(argv=None) -> int:
       # The small MLP of bench_torch.py (not a target of this script).
       "mlp_small": (lambda key: init_mlp(key, [784, 128, 10]), mlp_apply, (28, 28, 1)),
       "cnn": (lambda key: init_cnn(key), cnn_apply, (32, 32, 3)),
+      # 52 leaves, 38 of them small (not a target of this script).
+      "mlp_ln": (lambda key: init_mlp_ln(key), mlp_ln_apply, (28, 28, 1)),
   }
   rows = []
   print(f"{'model':>5} {'params':>8} {'K':>2} {'full ms':>8} {'mean ms':>8} {'gaf ms':>8} "

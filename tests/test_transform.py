@@ -317,6 +317,11 @@ class GafEdgeCaseTest(chex.TestCase):
     self.assertEqual(int(stats["num_skipped"]), int(agree.skipped))
     self.assertAlmostEqual(float(stats["tau"]), 0.5)
     self.assertIn("num_dropped=Array(1", repr(state))
+    # Trees of shapes or specs print their stored fields instead of failing.
+    shapes = jax.eval_shape(tx.init, {"p0": jnp.zeros(3), "p1": jnp.zeros((2, 2))})
+    self.assertIn("counters=ShapeDtypeStruct(shape=(5,)", repr(shapes))
+    self.assertEqual(repr(jax.tree.map(lambda _: None, state)),
+                     "GafState(counters=None, measures=None, masks=None)")
 
   def test_batched_state_gives_batched_statistics(self):
     tx = optax_gaf.gaf(num_microbatches=4)

@@ -95,8 +95,12 @@ class GafState(NamedTuple):
     return {name: getattr(self, name) for name in STATISTICS}
 
   def __repr__(self) -> str:
-    fields = ", ".join(f"{name}={value!r}" for name, value in self.as_dict().items())
-    return f"GafState({fields})"
+    try:
+      stats = self.as_dict()
+    except (TypeError, IndexError, AttributeError):
+      # Not arrays (jax.eval_shape output, a tree of specs): the stored fields.
+      stats = self._asdict()
+    return "GafState(" + ", ".join(f"{name}={value!r}" for name, value in stats.items()) + ")"
 
 
 STATISTICS: tuple[str, ...] = (
