@@ -130,7 +130,7 @@ def make_gaf_state(
 
 
 def init_gaf_state(num_microbatches: int | None) -> GafState:
-  """The initial :class:`GafState`; per-microbatch fields have length K (or 0)."""
+  """The initial :class:`GafState`; per-microbatch statistics have length K (or 0)."""
   k = num_microbatches or 0
   zero = jnp.zeros([], jnp.int32)
   return make_gaf_state(
@@ -255,7 +255,7 @@ def gaf(
     tau: cosine distance threshold in [0, 2], or an optax schedule of the step
       count. Works with ``optax.inject_hyperparams``.
     combine: ``"mean"`` or ``"pairwise"``.
-    num_microbatches: K, if known. It gives the state's per-microbatch fields
+    num_microbatches: K, if known. It gives the state's per-microbatch statistics
       (``distances``, ``accepted``, ``finite``) their length at ``init``;
       without it they start empty and take length K at the first update (one
       extra trace under ``jit``; pass K to use the state in ``lax.scan``).
