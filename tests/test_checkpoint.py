@@ -77,3 +77,25 @@ class CheckpointTest(chex.TestCase):
     self.assertEqual(
         sorted(state_dict["gaf_state"]),
         sorted(optax_gaf.GafState._fields))
+
+  def test_statistics_of_a_checkpoint_from_before_the_packing_restore(self):
+    # Before the packing, a with_gaf state serialised its GafState as nine
+    # named arrays; from_statistics rebuilds the packed state from them.
+    tx = optax_gaf.with_gaf(optax.adam(1e-2), 0.9, num_microbatches=K)
+    params = {"p0": jnp.ones((3, 2)), "p1": jnp.zeros(5)}
+    params, state, _ = _train(tx, params, tx.init(params), range(4))
+    stats = {name: np.asarray(v) for name, v in state.gaf_state.as_dict().items()}
+    old_layout = {"gaf_state": stats,
+                  "inner_state": serialization.to_state_dict(state.inner_state)}
+    restored = serialization.msgpack_restore(serialization.msgpack_serialize(old_layout))
+    rebuilt = optax_gaf.WithGafState(
+        gaf_state=optax_gaf.GafState.from_statistics(**restored["gaf_state"]),
+        inner_state=serialization.from_state_dict(state.inner_state, restored["inner_state"]))
+    chex.assert_trees_all_equal(rebuilt, state)
+    _, cont, cont_hist = _train(tx, params, state, range(4, 8))
+    _, res, res_hist = _train(tx, params, rebuilt, range(4, 8))
+    chex.assert_trees_all_equal(res_hist, cont_hist, strict=True)
+    chex.assert_trees_all_equal(res, cont)
+    with self.assertRaisesRegex(ValueError, r"missing \['tau'\]"):
+      optax_gaf.GafState.from_statistics(
+          **{k: v for k, v in restored["gaf_state"].items() if k != "tau"})

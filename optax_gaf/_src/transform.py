@@ -94,6 +94,25 @@ class GafState(NamedTuple):
     """The nine statistics by name, e.g. for a logger."""
     return {name: getattr(self, name) for name in STATISTICS}
 
+  @classmethod
+  def from_statistics(cls, **statistics: Any) -> GafState:
+    """Packs the nine statistics (the keyword names of :meth:`as_dict`).
+
+    ``GafState.from_statistics(**state.as_dict())`` rebuilds ``state``; it
+    also restores the statistics of a checkpoint written before they were
+    packed (nine stored fields), e.g. from
+    ``flax.serialization.msgpack_restore``.
+
+    Raises:
+      ValueError: a statistic is missing or unknown.
+    """
+    if set(statistics) != set(STATISTICS):
+      raise ValueError(
+          f"GafState.from_statistics needs exactly {STATISTICS}; missing "
+          f"{sorted(set(STATISTICS) - set(statistics))}, unknown "
+          f"{sorted(set(statistics) - set(STATISTICS))}")
+    return make_gaf_state(**statistics)
+
   def __repr__(self) -> str:
     try:
       stats = self.as_dict()
