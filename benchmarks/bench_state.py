@@ -11,7 +11,7 @@ call) on the small MLP of ``bench_torch.py`` (784-128-10, microbatches of
 * ``with_gaf``: ``with_gaf(sgd)`` with its ``GafState`` of three arrays;
 * ``nine arrays``: the same ``with_gaf`` step, but the statistics travel in
   and out of the jitted step as nine separate arrays (``as_dict()``, packed
-  back with ``make_gaf_state`` inside), the layout before the packing.
+  back with ``GafState.from_statistics`` inside), the layout before the packing.
 
 Usage::
 
@@ -39,7 +39,6 @@ def make_calls(k: int, microbatch: int, tau: float = 1.0, lr: float = 0.01):
   import numpy as np
   import optax
   import optax_gaf
-  from optax_gaf._src import transform
 
   import bench_torch
 
@@ -64,7 +63,7 @@ def make_calls(k: int, microbatch: int, tau: float = 1.0, lr: float = 0.01):
 
   @jax.jit
   def nine(p, inner, stats):
-    state = optax_gaf.WithGafState(transform.make_gaf_state(**stats), inner)
+    state = optax_gaf.WithGafState(optax_gaf.GafState.from_statistics(**stats), inner)
     updates, state = gaf.update(grads(p, batch), state, p)
     return optax.apply_updates(p, updates), state.inner_state, state.gaf_state.as_dict()
 

@@ -108,6 +108,15 @@ def gram_matrix(grads: base.MicroGrads) -> jax.Array:
       with different leading sizes (naming the leaves).
   """
   num_microbatches(grads, local=True)
+  return summed_gram(grads)
+
+
+def summed_gram(grads: base.MicroGrads) -> jax.Array:
+  """:func:`gram_matrix` without its argument checks.
+
+  For the library's own callers, which have validated the microgradients
+  already (``transform.filter_step`` through :func:`num_microbatches`).
+  """
   acc = tree_accumulation_dtype(grads)
   native = acc == jnp.float32 and native_gram.usable()
   total = None

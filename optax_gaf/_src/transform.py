@@ -111,7 +111,14 @@ class GafState(NamedTuple):
           f"GafState.from_statistics needs exactly {STATISTICS}; missing "
           f"{sorted(set(STATISTICS) - set(statistics))}, unknown "
           f"{sorted(set(statistics) - set(STATISTICS))}")
-    return make_gaf_state(**statistics)
+    ints = [statistics[name] for name in
+            ("count", "num_accepted", "skipped", "num_skipped", "num_dropped")]
+    return cls(
+        counters=jnp.stack([jnp.asarray(x).astype(jnp.int32) for x in ints]),
+        measures=jnp.concatenate([jnp.asarray(statistics["tau"], jnp.float32)[None],
+                                  jnp.asarray(statistics["distances"], jnp.float32)]),
+        masks=jnp.stack([jnp.asarray(statistics["accepted"], bool),
+                         jnp.asarray(statistics["finite"], bool)]))
 
   def __repr__(self) -> str:
     try:
@@ -127,32 +134,11 @@ STATISTICS: tuple[str, ...] = (
     "num_skipped", "num_dropped")
 
 
-def make_gaf_state(
-    *,
-    count: jax.Array,
-    tau: jax.Array,
-    distances: jax.Array,
-    accepted: jax.Array,
-    finite: jax.Array,
-    num_accepted: jax.Array,
-    skipped: jax.Array,
-    num_skipped: jax.Array,
-    num_dropped: jax.Array,
-) -> GafState:
-  """Packs the nine statistics into a :class:`GafState` (unbatched)."""
-  ints = [count, num_accepted, skipped, num_skipped, num_dropped]
-  return GafState(
-      counters=jnp.stack([jnp.asarray(x).astype(jnp.int32) for x in ints]),
-      measures=jnp.concatenate([jnp.asarray(tau, jnp.float32)[None],
-                                jnp.asarray(distances, jnp.float32)]),
-      masks=jnp.stack([jnp.asarray(accepted, bool), jnp.asarray(finite, bool)]))
-
-
 def init_gaf_state(num_microbatches: int | None) -> GafState:
   """The initial :class:`GafState`; per-microbatch statistics have length K (or 0)."""
   k = num_microbatches or 0
   zero = jnp.zeros([], jnp.int32)
-  return make_gaf_state(
+  return GafState.from_statistics(
       count=zero, tau=jnp.zeros([], jnp.float32),
       distances=jnp.zeros([k], jnp.float32), accepted=jnp.zeros([k], bool),
       finite=jnp.ones([k], bool), num_accepted=zero,
@@ -167,7 +153,7 @@ def current_tau(tau: base.TauLike, count: jax.Array) -> jax.Array:
 def next_gaf_state(state: GafState, tau: jax.Array, agreement: agreement_lib.Agreement) -> GafState:
   """Folds one step's :class:`~optax_gaf._src.agreement.Agreement` into the state."""
   dropped = jnp.sum(~agreement.finite, dtype=jnp.int32)
-  return make_gaf_state(
+  return GafState.from_statistics(
       count=optax.safe_increment(state.count),
       tau=tau,
       distances=agreement.distances,
@@ -206,7 +192,7 @@ def filter_microgradients(
   """
   if native_filter.applicable(grads):
     return native_filter.filter_microgradients(grads, tau, combine)
-  gram = gram_lib.gram_matrix(grads)
+  gram = gram_lib.summed_gram(grads)
   agreement = agreement_lib.weights_from_gram(gram, tau, combine)
   filtered = combine_lib.weighted_sum(agreement.weights, grads, agreement.finite)
   return filtered, agreement
