@@ -307,6 +307,33 @@ def test_derivatives_match_the_xla_path(rejected):
 
 
 @needs_kernel
+@pytest.mark.parametrize("native", [True, False])
+def test_derivatives_of_distances_ignore_a_dropped_microgradient(native):
+  # Reverse mode multiplies the zero cotangents of a dropped row's inner
+  # products by that row: without finite_or_zero, 0 * nan poisoned the
+  # derivatives of the finite rows. They must equal those of the problem
+  # without the dropped row, and the dropped row's must be zero.
+  rng = np.random.default_rng(3)
+  grads = jax.tree.map(jnp.asarray, _agreeing(rng, 5, [2]))  # small leaves: grouped
+  grads["big"] = jnp.asarray(rng.normal(size=(5, 2000)), jnp.float32) + grads["p1"][:, :1]
+  bad = jax.tree.map(lambda x: x.at[1].set(jnp.nan), grads)
+  bad["p2"] = grads["p2"].at[1, 0].set(jnp.inf)
+  kept = jax.tree.map(lambda x: jnp.delete(x, 1, axis=0), grads)
+
+  def distance_sum(g):
+    gaf = optax_gaf.gaf(1.0)
+    return jnp.sum(gaf.update(g, gaf.init(None))[1].distances)
+
+  got = run_on_path(jax.jit(jax.grad(distance_sum)), bad, native=native)
+  want = run_on_path(jax.jit(jax.grad(distance_sum)), kept, native=native)
+  for name in got:
+    assert np.all(np.asarray(got[name][1]) == 0), name
+    np.testing.assert_allclose(np.delete(np.asarray(got[name]), 1, axis=0), want[name],
+                               rtol=1e-5, atol=1e-6)
+  assert any(np.abs(np.asarray(w)).max() > 0 for w in jax.tree.leaves(want))
+
+
+@needs_kernel
 def test_vmap_and_with_gaf_train_step():
   rng = np.random.default_rng(8)
   batch = [_agreeing(rng, 4, r) for r in ([], [3], [1, 2, 3])]

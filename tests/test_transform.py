@@ -336,6 +336,43 @@ class GafEdgeCaseTest(chex.TestCase):
       _, one = tx.update({"p0": grads["p0"][b]}, tx.init({"p0": params["p0"][b]}))
       chex.assert_trees_all_close(jax.tree.map(lambda x: x[b], states.as_dict()),
                                   one.as_dict(), atol=1e-6)
+    # from_statistics packs a batch back into the same arrays.
+    rebuilt = optax_gaf.GafState.from_statistics(**states.as_dict())
+    chex.assert_trees_all_equal(rebuilt, states)
+
+  def test_from_statistics_names_a_statistic_of_the_wrong_shape(self):
+    stats = optax_gaf.gaf(num_microbatches=4).init(None).as_dict()
+    with self.assertRaisesRegex(ValueError, r"`accepted` has shape \(3,\), expected \(4,\)"):
+      optax_gaf.GafState.from_statistics(**{**stats, "accepted": jnp.zeros(3, bool)})
+    with self.assertRaisesRegex(ValueError, r"`num_skipped` has shape \(2,\), expected \(\)"):
+      optax_gaf.GafState.from_statistics(**{**stats, "num_skipped": jnp.zeros(2, jnp.int32)})
+
+  def test_running_totals_stop_at_the_int32_maximum(self):
+    top = np.iinfo(np.int32).max
+    tx = optax_gaf.gaf(0.0, num_microbatches=3)
+    stats = tx.init(None).as_dict()
+    state = optax_gaf.GafState.from_statistics(
+        **{**stats, "num_skipped": top - 1, "num_dropped": top - 1})
+    grads = {"w": jnp.array([[1.0, 0.0], [jnp.nan, 0.0], [0.0, 1.0]])}  # one NaN, a skip
+    for want in (top, top):
+      _, state = jax.jit(tx.update)(grads, state)
+      self.assertEqual(int(state.num_skipped), want)
+      self.assertEqual(int(state.num_dropped), want)
+
+  def test_traced_num_microbatches_at_init_is_an_error_naming_static_args(self):
+    for factory in (optax_gaf.gaf, functools.partial(optax_gaf.with_gaf, optax.sgd(0.1))):
+      injected = optax.inject_hyperparams(factory)(tau=0.5, num_microbatches=3)
+      with self.assertRaisesRegex(ValueError, r"static_args=\('num_microbatches',\)"):
+        jax.jit(injected.init)({"w": jnp.zeros(2)})
+      # Outside jit the count is concrete, and a jitted update then takes it traced.
+      state = injected.init({"w": jnp.zeros(2)})
+      _, state = jax.jit(injected.update)(
+          {"w": jnp.ones((3, 2))}, state, {"w": jnp.zeros(2)})
+      gaf_state = getattr(state.inner_state, "gaf_state", state.inner_state)
+      self.assertEqual(int(gaf_state.num_accepted), 3)
+    static = optax.inject_hyperparams(optax_gaf.gaf, static_args=("num_microbatches",))(
+        tau=0.5, num_microbatches=3)
+    chex.assert_shape(jax.jit(static.init)(None).inner_state.distances, (3,))
 
 
 class GafCompositionTest(chex.TestCase):

@@ -60,7 +60,13 @@ def check_floating_leaf(leaf: Any, name: str) -> None:
 
 
 def check_num_microbatches(k: Any, name: str = "num_microbatches") -> int | None:
-  """Validates an optional static microbatch count; returns it as int."""
+  """Validates an optional static microbatch count; returns it as int.
+
+  A traced count (``optax.inject_hyperparams`` makes numeric arguments part
+  of the state) gives None: an ``update`` under ``jit`` takes K from the
+  gradients. Creating a state from it is an error
+  (:func:`check_sizable`).
+  """
   if k is None or isinstance(k, jax.core.Tracer):
     return None
   if isinstance(k, bool) or not np.issubdtype(np.asarray(k).dtype, np.integer) or np.ndim(k):
@@ -69,3 +75,18 @@ def check_num_microbatches(k: Any, name: str = "num_microbatches") -> int | None
   if k < 2:
     raise ValueError(f"GAF needs at least 2 microbatches; `{name}` is {k}")
   return k
+
+
+def check_sizable(k: Any, caller: str) -> None:
+  """Raises ValueError if ``k`` is traced when a state must be sized from it.
+
+  ``init`` under ``jit`` of ``optax.inject_hyperparams(gaf)(num_microbatches=K)``
+  sees a traced K and could only make per-microbatch statistics of length 0,
+  which would then fail inside the training loop with a shape mismatch.
+  """
+  if isinstance(k, jax.core.Tracer):
+    raise ValueError(
+        f"`{caller}(num_microbatches=...)` is a traced value when the state is "
+        "created, so the per-microbatch statistics cannot be sized. With "
+        "`optax.inject_hyperparams`, pass `static_args=('num_microbatches',)`, "
+        "or call `init` outside `jit`.")

@@ -153,10 +153,23 @@ def gram_tangent(x: jax.Array, dx: jax.Array) -> jax.Array:
   """The tangent ``dx x^T + x dx^T`` of a float32 leaf's ``x x^T``, a plain contraction.
 
   The JVP rule of the native kernels: linear in ``dx``, so reverse mode
-  transposes it without touching the kernels.
+  transposes it without touching the kernels. Non-finite values of ``x``
+  are taken as 0 (see :func:`finite_or_zero`).
   """
-  cross = dot(dx, x, jnp.dtype(jnp.float32))
+  cross = dot(dx, finite_or_zero(x), jnp.dtype(jnp.float32))
   return cross + cross.T
+
+
+def finite_or_zero(x: jax.Array) -> jax.Array:
+  """``x`` with NaN/Inf replaced by 0: the primal factor of the products' tangents.
+
+  A non-finite microgradient is dropped by the filter, so no derivative
+  depends on its inner products; but reverse mode multiplies their zero
+  cotangents by the primal row, and ``0 * nan`` would put NaN into the
+  derivatives of the finite microgradients (e.g. of ``GafState.distances``).
+  Tangents of products that involve finite rows only are unchanged.
+  """
+  return jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))
 
 
 def cross_products(grads: base.MicroGrads, other: base.MicroGrads) -> jax.Array:
@@ -209,28 +222,30 @@ def leaf_products(a: jax.Array, b: jax.Array, acc: jnp.dtype) -> jax.Array:
     ``[Ki, Kj]`` inner products. Large leaves on CPU are summed over column
     blocks (same products up to float summation order).
   """
-  rows = a.shape[0] + b.shape[0]
-  if rows * a.shape[1] * jnp.dtype(acc).itemsize < _BLOCKED_MIN_BYTES:
-    return dot(a, b, acc)
-  return _large_products(a, b, jnp.dtype(acc))
+  return _products(a, b, jnp.dtype(acc))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _large_products(a: jax.Array, b: jax.Array, acc: jnp.dtype) -> jax.Array:
-  """Blocked products on CPU, one product elsewhere.
+def _products(a: jax.Array, b: jax.Array, acc: jnp.dtype) -> jax.Array:
+  """One product, or blocked products for large leaves on CPU.
 
-  The JVP rule keeps differentiation (forward and reverse) off the loop: the
-  tangent ``da b^T + a db^T`` is two plain contractions.
+  The JVP rule keeps differentiation (forward and reverse) off the blocked
+  loop: the tangent ``da b^T + a db^T`` is two plain contractions, with
+  non-finite values of ``a`` and ``b`` taken as 0 (:func:`finite_or_zero`).
   """
+  rows = a.shape[0] + b.shape[0]
+  if rows * a.shape[1] * acc.itemsize < _BLOCKED_MIN_BYTES:
+    return dot(a, b, acc)
   return lax.platform_dependent(
       a, b, cpu=functools.partial(_blocked_products, acc=acc),
       default=functools.partial(dot, acc=acc))
 
 
-@_large_products.defjvp
-def _large_products_jvp(acc, primals, tangents):
+@_products.defjvp
+def _products_jvp(acc, primals, tangents):
   (a, b), (da, db) = primals, tangents
-  return _large_products(a, b, acc), dot(da, b, acc) + dot(a, db, acc)
+  return (_products(a, b, acc),
+          dot(da, finite_or_zero(b), acc) + dot(finite_or_zero(a), db, acc))
 
 
 def _blocked_products(a: jax.Array, b: jax.Array, acc: jnp.dtype) -> jax.Array:

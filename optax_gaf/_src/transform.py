@@ -98,27 +98,38 @@ class GafState(NamedTuple):
   def from_statistics(cls, **statistics: Any) -> GafState:
     """Packs the nine statistics (the keyword names of :meth:`as_dict`).
 
-    ``GafState.from_statistics(**state.as_dict())`` rebuilds ``state``; it
-    also restores the statistics of a checkpoint written before they were
-    packed (nine stored fields), e.g. from
-    ``flax.serialization.msgpack_restore``.
+    ``GafState.from_statistics(**state.as_dict())`` rebuilds ``state``, also
+    a batched one (from ``vmap``: the scalar statistics then have a batch
+    shape ``B`` and the per-microbatch ones ``B + (K,)``); it also restores
+    the statistics of a checkpoint written before they were packed (nine
+    stored fields), e.g. from ``flax.serialization.msgpack_restore``.
 
     Raises:
-      ValueError: a statistic is missing or unknown.
+      ValueError: a statistic is missing or unknown, or the shapes do not
+        fit together (naming the statistic).
     """
     if set(statistics) != set(STATISTICS):
       raise ValueError(
           f"GafState.from_statistics needs exactly {STATISTICS}; missing "
           f"{sorted(set(STATISTICS) - set(statistics))}, unknown "
           f"{sorted(set(statistics) - set(STATISTICS))}")
-    ints = [statistics[name] for name in
+    arrays = {name: jnp.asarray(value) for name, value in statistics.items()}
+    batch = arrays["count"].shape
+    k = arrays["distances"].shape[-1:]
+    for name, value in arrays.items():
+      want = batch + k if name in _PER_MICROBATCH else batch
+      if value.shape != want:
+        raise ValueError(
+            f"GafState.from_statistics: `{name}` has shape {value.shape}, expected "
+            f"{want} (`count` has shape {batch} and `distances` {batch + k})")
+    ints = [arrays[name].astype(jnp.int32) for name in
             ("count", "num_accepted", "skipped", "num_skipped", "num_dropped")]
     return cls(
-        counters=jnp.stack([jnp.asarray(x).astype(jnp.int32) for x in ints]),
-        measures=jnp.concatenate([jnp.asarray(statistics["tau"], jnp.float32)[None],
-                                  jnp.asarray(statistics["distances"], jnp.float32)]),
-        masks=jnp.stack([jnp.asarray(statistics["accepted"], bool),
-                         jnp.asarray(statistics["finite"], bool)]))
+        counters=jnp.stack(ints, axis=-1),
+        measures=jnp.concatenate([arrays["tau"].astype(jnp.float32)[..., None],
+                                  arrays["distances"].astype(jnp.float32)], axis=-1),
+        masks=jnp.stack([arrays["accepted"].astype(bool), arrays["finite"].astype(bool)],
+                        axis=-2))
 
   def __repr__(self) -> str:
     try:
@@ -132,6 +143,7 @@ class GafState(NamedTuple):
 STATISTICS: tuple[str, ...] = (
     "count", "tau", "distances", "accepted", "finite", "num_accepted", "skipped",
     "num_skipped", "num_dropped")
+_PER_MICROBATCH = ("distances", "accepted", "finite")
 
 
 def init_gaf_state(num_microbatches: int | None) -> GafState:
@@ -161,8 +173,15 @@ def next_gaf_state(state: GafState, tau: jax.Array, agreement: agreement_lib.Agr
       finite=agreement.finite,
       num_accepted=agreement.num_accepted,
       skipped=agreement.skipped,
-      num_skipped=state.num_skipped + agreement.skipped.astype(jnp.int32),
-      num_dropped=state.num_dropped + dropped)
+      num_skipped=saturating_add(state.num_skipped, agreement.skipped.astype(jnp.int32)),
+      num_dropped=saturating_add(state.num_dropped, dropped))
+
+
+def saturating_add(total: jax.Array, increment: jax.Array) -> jax.Array:
+  """``total + increment`` for non-negative int32 counters, stopping at the int32 maximum
+  (as ``optax.safe_increment`` does for ``count``) instead of wrapping negative."""
+  top = jnp.iinfo(jnp.int32).max
+  return jnp.where(total > top - increment, top, total + increment).astype(jnp.int32)
 
 
 def check_state_size(state: GafState, k: int, num_microbatches: int | None) -> None:
@@ -347,6 +366,7 @@ def make_gaf(
 
   def init_fn(params: optax.Params) -> GafState:
     del params
+    base.check_sizable(num_microbatches, caller)
     return init_gaf_state(k_static)
 
   def update_fn(grads, state: GafState, params=None, **extra_args):
