@@ -290,3 +290,19 @@ def test_stacked_microgradients_raise_naming_the_leaf():
 def test_has_updated_rejects_other_states():
   with pytest.raises(ValueError, match="has_updated"):
     optax_gaf.has_updated(optax.sgd(1.0).init({"w": jnp.zeros(1)}))
+
+
+def test_has_updated_finds_the_state_inside_chain_and_inject_hyperparams():
+  params = {"w": jnp.zeros(2)}
+  chained = optax.chain(optax.clip(1.0), optax_gaf.gaf_accumulate(optax.sgd(1.0), 2))
+  injected = optax.inject_hyperparams(optax_gaf.gaf_accumulate, static_args=("every_k",))(
+      optax.sgd(1.0), every_k=2)
+  for opt in (chained, injected):
+    state = opt.init(params)
+    _, state = opt.update({"w": jnp.array([1., 0.])}, state, params)
+    assert not bool(optax_gaf.has_updated(state))
+    _, state = opt.update({"w": jnp.array([1., 1.])}, state, params)
+    assert bool(optax_gaf.has_updated(state))
+  two = optax.chain(optax_gaf.with_gaf(optax.sgd(1.0)), optax_gaf.with_gaf(optax.sgd(1.0)))
+  with pytest.raises(ValueError, match="holding 2"):
+    optax_gaf.has_updated(two.init(params))

@@ -193,13 +193,19 @@ class AgreementWeightsBadInputTest(chex.TestCase):
     for tau in (-1.0, 2.5, float("nan")):
       with self.assertRaisesRegex(ValueError, "`tau` must be in \\[0, 2\\]"):
         agreement_lib.agreement_weights(gram, tau, "mean")
-    with self.assertRaisesRegex(ValueError, r"`gram` must be a square \[K, K\] matrix, got "
-                                r"shape \(3, 2\)"):
-      agreement_lib.agreement_weights(jnp.ones((3, 2)), 0.5, "mean")
+    for bad in (jnp.ones((3, 2)), jnp.ones((0, 0))):
+      with self.assertRaisesRegex(ValueError, r"`gram` must be a square \[K, K\] matrix with "
+                                  rf"K >= 1, got shape \({bad.shape[0]}, {bad.shape[1]}\)"):
+        agreement_lib.agreement_weights(bad, 0.5, "mean")
+    with self.assertRaisesRegex(ValueError, r"`combine` must be one of"):
+      agreement_lib.agreement_weights(gram, 0.5, np.array(["mean"]))
     with self.assertRaisesRegex(ValueError, "`gram` must be floating point"):
       agreement_lib.agreement_weights(jnp.eye(3, dtype=jnp.int32), 0.5, "mean")
-    with self.assertRaisesRegex(ValueError, r"`finite` must have shape \(3,\)"):
+    with self.assertRaisesRegex(ValueError, r"`finite` must be a bool array of shape \(3,\)"):
       agreement_lib.agreement_weights(gram, 0.5, "mean", finite=jnp.ones(2, bool))
+    for dtype in (jnp.int32, jnp.float32):  # a flag of 2 would be half-finite
+      with self.assertRaisesRegex(ValueError, r"`finite` must be a bool array.*dtype"):
+        agreement_lib.agreement_weights(gram, 0.5, "mean", finite=jnp.ones(3, dtype))
     # A traced tau (inject_hyperparams under jit) cannot be checked and is used.
     out = jax.jit(lambda t: agreement_lib.agreement_weights(gram, t, "mean"))(0.5)
     self.assertTrue(bool(out.skipped))

@@ -139,6 +139,20 @@ class NumMicrobatchesTest(chex.TestCase):
                                 {"b": jnp.ones((3, 3)), "w": jnp.ones((2,))})
     with self.assertRaisesRegex(ValueError, "empty gradient pytree"):
       gram_lib.num_microbatches({})
+    # Every leaf without the axis: named as missing, not as a disagreement on K.
+    with self.assertRaisesRegex(ValueError, r"leaf \['a'\] has shape \(3, 2\) .* expected "
+                                r"\(K, \*\(3, 2\)\).* axis missing"):
+      gram_lib.num_microbatches({"a": jnp.ones((3, 2)), "b": jnp.ones((4,))},
+                                {"a": jnp.ones((3, 2)), "b": jnp.ones((4,))})
+    # Gradients and params are matched by tree path, not by position.
+    with self.assertRaisesRegex(ValueError, r"only in the gradients \[\"\['c'\]\"\], "
+                                r"only in params \[\"\['b'\]\"\]"):
+      gram_lib.num_microbatches({"a": jnp.ones((3, 2)), "c": jnp.ones((3, 2))},
+                                {"a": jnp.ones(2), "b": jnp.ones(2)})
+    with self.assertRaisesRegex(ValueError, r"only in the gradients \[\"\['c'\]\"\], "
+                                r"only in params \[\]"):
+      gram_lib.num_microbatches({"a": jnp.ones((3, 2)), "c": jnp.ones((3, 2))},
+                                {"a": jnp.ones(2)})
 
   def test_public_gram_matrix_checks_its_input(self):
     with self.assertRaisesRegex(ValueError, r"\['a'\] has shape \(2, 3\) but leaf \['b'\]"):

@@ -157,3 +157,21 @@ def test_traced_sketch_dim_error_names_static_args():
                     in_specs=(P("data"), P()), out_specs=(P(), P()))
   with pytest.raises(ValueError, match=r"static_args=\('sketch_dim',\)"):
     f({"w": jnp.ones((2, 3))}, opt.init({"w": jnp.zeros(3)}))
+
+
+@pytest.mark.parametrize("mode, extra", [("all_gather", {}), ("ring", {}),
+                                         ("sketch", {"sketch_dim": 8})])
+def test_cross_device_gram_checks_its_leaves_in_every_mode(mode, extra):
+  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+
+  def run(local):
+    return jax.shard_map(lambda g: optax_gaf.cross_device_gram(g, "data", mode=mode, **extra),
+                         mesh=mesh, in_specs=P(), out_specs=P())(local)
+
+  with pytest.raises(ValueError, match=r"leaf \['a'\] has shape \(2, 3\) but leaf \['b'\] "
+                                       r"has shape \(1, 3\)"):
+    run({"a": jnp.ones((2, 3)), "b": jnp.ones((1, 3))})
+  with pytest.raises(ValueError, match=r"leaf \['a'\] has dtype int32"):
+    run({"a": jnp.ones((2, 3), jnp.int32)})
+  with pytest.raises(ValueError, match="needs `axis_name`"):
+    optax_gaf.cross_device_gram({"a": jnp.ones((2, 3))}, None)

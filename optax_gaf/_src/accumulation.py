@@ -191,8 +191,9 @@ class GafAccumulateState(NamedTuple):
       completed cycle (``distances``, ``accepted`` and ``finite`` of length
       ``every_k``, ``num_accepted``, ``skipped``, ``num_skipped``,
       ``num_dropped``) and ``count``, the number of completed cycles (the step
-      ``tau`` schedules see). Identical to ``with_gaf``'s ``gaf_state`` for the
-      same microgradients stacked.
+      ``tau`` schedules see). The same as ``with_gaf``'s ``gaf_state`` for
+      the same microgradients stacked, up to float32 rounding of the
+      distances (the running reference is summed in another order).
     inner_state: the inner optimizer's state; unchanged on mini-steps and on
       skipped cycles.
     has_updated: True iff the last call ended a cycle and applied ``inner``.
@@ -204,16 +205,28 @@ class GafAccumulateState(NamedTuple):
   has_updated: jax.Array
 
 
+def find_gaf_states(state: Any) -> list[Any]:
+  """The :class:`GafAccumulateState` and ``WithGafState`` nodes inside ``state``."""
+  kinds = (GafAccumulateState, wrapper.WithGafState)
+  return [node for node in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kinds))
+          if isinstance(node, kinds)]
+
+
 def has_updated(state: Any) -> jax.Array:
   """Whether the last ``update`` applied the inner optimizer.
 
   Works for the states of :func:`gaf_accumulate` (True only on the last call
   of a cycle that was not skipped) and of :func:`~optax_gaf.with_gaf` /
-  :func:`~optax_gaf.apply_if_agreed` (True after a step that was not skipped).
+  :func:`~optax_gaf.apply_if_agreed` (True after a step that was not skipped),
+  also where they sit inside a larger state (``optax.chain``,
+  ``optax.inject_hyperparams``).
 
   Args:
     state: a :class:`GafAccumulateState` or a
-      :class:`~optax_gaf.WithGafState`.
+      :class:`~optax_gaf.WithGafState`, or a state holding exactly one of them.
+
+  Raises:
+    ValueError: ``state`` holds none or several of them.
 
   Returns:
     A boolean scalar array.
@@ -229,13 +242,16 @@ def has_updated(state: Any) -> jax.Array:
     >>> bool(optax_gaf.has_updated(state))
     True
   """
+  found = find_gaf_states(state)
+  if len(found) != 1:
+    raise ValueError(
+        "`has_updated(state)` takes a state that holds one state of gaf_accumulate, "
+        f"with_gaf or apply_if_agreed (also inside optax.chain or "
+        f"optax.inject_hyperparams), got {type(state).__name__} holding {len(found)}")
+  state = found[0]
   if isinstance(state, GafAccumulateState):
     return state.has_updated
-  gaf_state = getattr(state, "gaf_state", None)
-  if not isinstance(gaf_state, transform.GafState):
-    raise ValueError(
-        "`has_updated(state)` takes the state of gaf_accumulate, with_gaf or "
-        f"apply_if_agreed, got {type(state).__name__}")
+  gaf_state = state.gaf_state
   return (gaf_state.count > 0) & ~gaf_state.skipped
 
 
@@ -246,7 +262,8 @@ def check_every_k(every_k: Any) -> int:
   if isinstance(every_k, jax.core.Tracer):
     raise ValueError(
         "`gaf_accumulate(every_k=...)` must be a static Python int >= 2, got a "
-        "traced value")
+        "traced value (with `optax.inject_hyperparams`, pass "
+        "`static_args=('every_k',)`)")
   k = base.check_num_microbatches(every_k, "every_k")
   assert k is not None
   return k

@@ -224,14 +224,16 @@ def agreement_weights(
   if not isinstance(tau, jax.Array):
     base.check_tau(tau)  # a Python or NumPy number; arrays may be traced
   shape = tuple(jnp.shape(gram))
-  if len(shape) != 2 or shape[0] != shape[1]:
-    raise ValueError(f"`gram` must be a square [K, K] matrix, got shape {shape}")
+  if len(shape) != 2 or shape[0] != shape[1] or shape[0] == 0:
+    raise ValueError(f"`gram` must be a square [K, K] matrix with K >= 1, got shape {shape}")
   if not jnp.issubdtype(jnp.result_type(gram), jnp.floating):
     raise ValueError(f"`gram` must be floating point, got dtype {jnp.result_type(gram)}")
-  if finite is not None and tuple(jnp.shape(finite)) != shape[:1]:
+  if finite is not None and (tuple(jnp.shape(finite)) != shape[:1]
+                             or jnp.result_type(finite) != jnp.bool_):
     raise ValueError(
-        f"`finite` must have shape {shape[:1]} (one flag per microgradient), got "
-        f"{tuple(jnp.shape(finite))}")
+        f"`finite` must be a bool array of shape {shape[:1]} (one flag per "
+        f"microgradient), got shape {tuple(jnp.shape(finite))} and dtype "
+        f"{jnp.result_type(finite)}")
   return weights_from_gram(gram, tau, combine, finite)
 
 

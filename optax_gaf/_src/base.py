@@ -42,7 +42,7 @@ def check_tau(tau: TauLike, name: str = "tau") -> None:
 
 def check_choice(value: Any, choices: tuple[str, ...], name: str) -> None:
   """Raises ValueError naming argument ``name`` unless ``value`` is in ``choices``."""
-  if value not in choices:
+  if not isinstance(value, str) or value not in choices:
     raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
 
 

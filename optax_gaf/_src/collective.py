@@ -135,8 +135,9 @@ def bound_axis_size(axis_name: Hashable, caller: str = "gaf") -> int:
         f"`{caller}(axis_name={axis_name!r})`: the axis name {axis_name!r} is not "
         "bound in the current trace. Call the update inside "
         f"`jax.shard_map` over a mesh with an axis {axis_name!r} or inside "
-        f"`jax.pmap(..., axis_name={axis_name!r})`, or pass `axis_name=None` "
-        "for single-device GAF.") from e
+        f"`jax.pmap(..., axis_name={axis_name!r})`"
+        + (", or pass `axis_name=None` for single-device GAF." if caller in ("gaf", "with_gaf")
+           else ".")) from e
 
 
 def local_microgradients(
@@ -363,7 +364,9 @@ def cross_device_gram(
     bool mask of finite microgradients.
 
   Raises:
-    ValueError: if ``axis_name`` is not bound, or the mode is unknown.
+    ValueError: if ``axis_name`` is not bound, the mode is unknown, or the
+      leaves of ``local`` are not floating point with one shared leading
+      size ``K_local`` (naming the leaf).
 
   Examples:
     >>> import jax, jax.numpy as jnp, numpy as np, optax_gaf
@@ -378,8 +381,13 @@ def cross_device_gram(
     Array([[1., 1.],
            [1., 2.]], dtype=float32)
   """
+  if axis_name is None:
+    raise ValueError(
+        "`cross_device_gram` needs `axis_name`, the shard_map/pmap axis the "
+        "microgradients are spread over; on one device use `gram_matrix`")
   cfg = make_config(axis_name, mode, sketch_dim, sketch_seed, True, "cross_device_gram")
   bound_axis_size(axis_name, "cross_device_gram")
+  gram_lib.num_microbatches(local, local=True)
   return _gram_and_finite(local, cfg, step)
 
 

@@ -47,12 +47,15 @@ def num_microbatches(
   leaves = jax.tree_util.tree_leaves_with_path(grads)
   if not leaves:
     raise ValueError("GAF got an empty gradient pytree")
+  names = [jax.tree_util.keystr(path) or "<root>" for path, _ in leaves]
+  for name, (_, leaf) in zip(names, leaves):
+    base.check_floating_leaf(leaf, name)
+  if params is not None:
+    _check_against_params(names, [leaf for _, leaf in leaves], params)
   k = None
   first = None
-  for path, leaf in leaves:
-    name = jax.tree_util.keystr(path) or "<root>"
+  for name, (_, leaf) in zip(names, leaves):
     shape = tuple(jnp.shape(leaf))
-    base.check_floating_leaf(leaf, name)
     if len(shape) == 0:
       raise ValueError(
           f"Gradient leaf {name} is a scalar: it has no leading microbatch "
@@ -65,20 +68,33 @@ def num_microbatches(
           "Gradient leaves disagree on the leading microbatch axis: leaf "
           f"{first[0]} has shape {first[1]} but leaf {name} has shape {shape}. "
           "Every leaf needs the same leading size K.")
-  if params is not None:
-    p_leaves = jax.tree_util.tree_leaves_with_path(params)
-    if len(p_leaves) == len(leaves):
-      for (path, g), (_, p) in zip(leaves, p_leaves):
-        if tuple(jnp.shape(g)) != (k, *jnp.shape(p)):
-          name = jax.tree_util.keystr(path) or "<root>"
-          raise ValueError(
-              f"Gradient leaf {name} has shape {tuple(jnp.shape(g))} but its "
-              f"parameter has shape {tuple(jnp.shape(p))}: expected "
-              f"{(k, *jnp.shape(p))} (a leading microbatch axis of size {k}). "
-              "Is the microbatch axis missing on this leaf?")
   if k < (1 if local else 2):
     raise ValueError(f"GAF needs at least 2 microbatches, got K={k}")
   return k
+
+
+def _check_against_params(names: list[str], grads: list[Any], params: Any) -> None:
+  """Raises ValueError unless each gradient leaf is ``(K, *param.shape)``, by tree path."""
+  p_leaves = jax.tree_util.tree_leaves_with_path(params)
+  p_names = [jax.tree_util.keystr(path) or "<root>" for path, _ in p_leaves]
+  if p_names != names:
+    only_grads = [n for n in names if n not in set(p_names)]
+    only_params = [n for n in p_names if n not in set(names)]
+    raise ValueError(
+        "The gradients' tree does not match `params`: leaves only in the gradients "
+        f"{only_grads[:4]}, only in params {only_params[:4]}"
+        + ("" if only_grads or only_params else " (same leaves in another order)"))
+  pairs = [(name, tuple(jnp.shape(g)), tuple(jnp.shape(p)))
+           for name, g, (_, p) in zip(names, grads, p_leaves)]
+  fits = lambda g_shape, p_shape: len(g_shape) == len(p_shape) + 1 and g_shape[1:] == p_shape
+  k = next((g[0] for _, g, p in pairs if fits(g, p)), None)  # from a leaf that fits
+  for name, g_shape, p_shape in pairs:
+    if not fits(g_shape, p_shape):
+      want = f"(K, *{p_shape})" if k is None else str((k, *p_shape))
+      missing = " Is the microbatch axis missing on this leaf?" if g_shape == p_shape else ""
+      raise ValueError(
+          f"Gradient leaf {name} has shape {g_shape} but its parameter has shape "
+          f"{p_shape}: expected {want}, with a leading microbatch axis.{missing}")
 
 
 def as_matrix(leaf: jax.Array) -> jax.Array:

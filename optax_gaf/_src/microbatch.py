@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from optax_gaf._src import base
 
 
-def split_batch(batch: Any, num_microbatches: int) -> Any:
+def split_batch(batch: Any, num_microbatches: int, caller: str = "microbatch_grads") -> Any:
   """Reshapes every leaf of ``batch`` from ``[B, ...]`` to ``[K, B // K, ...]``.
 
   Raises:
@@ -19,7 +19,7 @@ def split_batch(batch: Any, num_microbatches: int) -> Any:
   """
   leaves = jax.tree_util.tree_leaves_with_path(batch)
   if not leaves:
-    raise ValueError("`microbatch_grads` got an empty batch")
+    raise ValueError(f"`{caller}` got an empty batch")
   b, first = None, None
   for path, leaf in leaves:
     name = jax.tree_util.keystr(path) or "<root>"

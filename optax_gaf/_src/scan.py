@@ -114,7 +114,7 @@ def gaf_value_and_grad(
   value_and_grad = jax.value_and_grad(loss_fn, has_aux=has_aux)
 
   def fn(params, batch, *args, step=0):
-    micro = microbatch.split_batch(batch, k)
+    micro = microbatch.split_batch(batch, k, "gaf_value_and_grad")
     tau_t = transform.current_tau(tau, jnp.asarray(step))
     first = jax.tree.map(lambda x: x[0], micro)
     shapes = jax.eval_shape(lambda: value_and_grad(params, first, *args)[1])
@@ -163,8 +163,10 @@ def apply_if_agreed(
   Returns:
     An ``optax.GradientTransformationExtraArgs``. ``update`` requires the
     keyword ``agreement`` (an :class:`~optax_gaf.Agreement`); the optional
-    keyword ``tau`` is only recorded in ``gaf_state.tau``. Other extra
-    keyword arguments are passed to ``inner``.
+    keyword ``tau`` is only recorded in ``gaf_state.tau`` (without it,
+    ``gaf_state.tau`` keeps its previous value, 0 from ``init``: the
+    ``Agreement`` does not carry the threshold). Other extra keyword
+    arguments are passed to ``inner``.
 
   Examples:
     >>> import jax.numpy as jnp, optax, optax_gaf

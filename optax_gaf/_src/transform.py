@@ -184,11 +184,14 @@ def saturating_add(total: jax.Array, increment: jax.Array) -> jax.Array:
   return jnp.where(total > top - increment, top, total + increment).astype(jnp.int32)
 
 
-def check_state_size(state: GafState, k: int, num_microbatches: int | None) -> None:
+def check_state_size(state: GafState, k: int, num_microbatches: int | None,
+                     axis_name: Any = None) -> None:
+  """Raises ValueError if the built-in ``num_microbatches`` is not the K seen."""
   if num_microbatches is not None and k != num_microbatches:
+    seen = (f"the gradients have a leading microbatch axis of size {k}" if axis_name is None
+            else f"{k} microgradients were gathered over the devices of axis {axis_name!r}")
     raise ValueError(
-        f"GAF was built with `num_microbatches={num_microbatches}` but the "
-        f"gradients have a leading microbatch axis of size {k}")
+        f"GAF was built with `num_microbatches={num_microbatches}` but {seen}")
 
 
 def filter_microgradients(
@@ -234,7 +237,7 @@ def filter_step(
     return filter_microgradients(grads, tau_t, combine)
   filtered, agreement = collective.filter_across_devices(
       grads, tau_t, combine, config, params=params, step=state.count, caller=caller)
-  check_state_size(state, agreement.weights.shape[0], k_static)
+  check_state_size(state, agreement.weights.shape[0], k_static, config.axis_name)
   return filtered, agreement
 
 

@@ -54,8 +54,9 @@ def apply_or_skip(
       fuse the optimizer with what produced ``updates`` and with the
       parameter update. ``"cond"`` runs ``inner.update`` under ``lax.cond``:
       a skip costs nothing and differentiation never enters the skipped
-      branch, but the outputs go to fresh buffers. Under ``jit`` both return
-      the same values.
+      branch, but the outputs go to fresh buffers. Under ``jit`` both make
+      the same decisions and return the same values up to float rounding
+      (XLA may fuse the inner update differently in the two programs).
     extra_args: keyword arguments for ``inner.update``.
 
   Returns:
@@ -135,7 +136,8 @@ def with_gaf(
       with ``jax_debug_nans`` (with the select, an inner that divides by the
       gradient's norm makes a discarded NaN on every skip), or when the
       inner has side effects (``jax.debug.callback``) that must not run on
-      skipped steps. Under ``jit`` both return the same values.
+      skipped steps. Under ``jit`` both return the same values up to float
+      rounding (skips are identical: zeros and the untouched state).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
