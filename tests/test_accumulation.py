@@ -306,3 +306,8 @@ def test_has_updated_finds_the_state_inside_chain_and_inject_hyperparams():
   two = optax.chain(optax_gaf.with_gaf(optax.sgd(1.0)), optax_gaf.with_gaf(optax.sgd(1.0)))
   with pytest.raises(ValueError, match="holding 2"):
     optax_gaf.has_updated(two.init(params))
+  # apply_if_finite may reject a step without running the inner update: the
+  # inner state would be stale, so it is not searched.
+  guarded = optax.apply_if_finite(optax_gaf.gaf_accumulate(optax.sgd(1.0), 2), 3)
+  with pytest.raises(ValueError, match="holding 0"):
+    optax_gaf.has_updated(guarded.init(params))

@@ -203,6 +203,10 @@ class AgreementWeightsBadInputTest(chex.TestCase):
       agreement_lib.agreement_weights(jnp.eye(3, dtype=jnp.int32), 0.5, "mean")
     with self.assertRaisesRegex(ValueError, r"`finite` must be a bool array of shape \(3,\)"):
       agreement_lib.agreement_weights(gram, 0.5, "mean", finite=jnp.ones(2, bool))
+    # NumPy and list masks are converted (a NumPy mask failed inside the loop).
+    for mask in (np.array([True, False, True]), [True, False, True]):
+      out = agreement_lib.agreement_weights(jnp.ones((3, 3)), 0.5, "mean", finite=mask)
+      np.testing.assert_array_equal(out.accepted, [True, False, True])
     for dtype in (jnp.int32, jnp.float32):  # a flag of 2 would be half-finite
       with self.assertRaisesRegex(ValueError, r"`finite` must be a bool array.*dtype"):
         agreement_lib.agreement_weights(gram, 0.5, "mean", finite=jnp.ones(3, dtype))

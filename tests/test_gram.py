@@ -144,15 +144,16 @@ class NumMicrobatchesTest(chex.TestCase):
                                 r"\(K, \*\(3, 2\)\).* axis missing"):
       gram_lib.num_microbatches({"a": jnp.ones((3, 2)), "b": jnp.ones((4,))},
                                 {"a": jnp.ones((3, 2)), "b": jnp.ones((4,))})
-    # Gradients and params are matched by tree path, not by position.
-    with self.assertRaisesRegex(ValueError, r"only in the gradients \[\"\['c'\]\"\], "
-                                r"only in params \[\"\['b'\]\"\]"):
-      gram_lib.num_microbatches({"a": jnp.ones((3, 2)), "c": jnp.ones((3, 2))},
-                                {"a": jnp.ones(2), "b": jnp.ones(2)})
-    with self.assertRaisesRegex(ValueError, r"only in the gradients \[\"\['c'\]\"\], "
-                                r"only in params \[\]"):
-      gram_lib.num_microbatches({"a": jnp.ones((3, 2)), "c": jnp.ones((3, 2))},
-                                {"a": jnp.ones(2)})
+    # With as many leaves, in order (paths may differ: NNX variables, NamedTuples).
+    self.assertEqual(gram_lib.num_microbatches(
+        (jnp.ones((3, 2)), jnp.ones((3, 4))), {"x": jnp.ones(2), "y": jnp.ones(4)}), 3)
+    # Otherwise by path; params leaves without a gradient (an Equinox model's
+    # integer buffers or functions) are not checked.
+    params = {"w": jnp.ones(2), "idx": jnp.arange(3), "act": jax.nn.relu}
+    self.assertEqual(gram_lib.num_microbatches({"w": jnp.ones((3, 2))}, params), 3)
+    with self.assertRaisesRegex(ValueError, r"leaf \['w'\] has shape \(3, 5\) but its "
+                                r"parameter has shape \(2,\)"):
+      gram_lib.num_microbatches({"w": jnp.ones((3, 5))}, params)
 
   def test_public_gram_matrix_checks_its_input(self):
     with self.assertRaisesRegex(ValueError, r"\['a'\] has shape \(2, 3\) but leaf \['b'\]"):

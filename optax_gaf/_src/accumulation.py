@@ -206,10 +206,24 @@ class GafAccumulateState(NamedTuple):
 
 
 def find_gaf_states(state: Any) -> list[Any]:
-  """The :class:`GafAccumulateState` and ``WithGafState`` nodes inside ``state``."""
-  kinds = (GafAccumulateState, wrapper.WithGafState)
-  return [node for node in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kinds))
-          if isinstance(node, kinds)]
+  """The GAF states inside ``state``, looking only through pass-through containers.
+
+  Pass-through containers always run what they hold: ``optax.chain``'s
+  tuples, ``optax.named_chain``'s dicts, ``optax.inject_hyperparams`` and
+  ``optax.masked``. Other wrappers (``optax.apply_if_finite``,
+  ``optax.MultiSteps``) may not call the inner update, so their inner state
+  could tell a stale story and is not searched.
+  """
+  if isinstance(state, (GafAccumulateState, wrapper.WithGafState)):
+    return [state]
+  if isinstance(state, (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState,
+                        optax.MaskedState)):
+    return find_gaf_states(state.inner_state)
+  if type(state) in (tuple, list):
+    return [found for part in state for found in find_gaf_states(part)]
+  if type(state) is dict:
+    return [found for part in state.values() for found in find_gaf_states(part)]
+  return []
 
 
 def has_updated(state: Any) -> jax.Array:
@@ -218,8 +232,10 @@ def has_updated(state: Any) -> jax.Array:
   Works for the states of :func:`gaf_accumulate` (True only on the last call
   of a cycle that was not skipped) and of :func:`~optax_gaf.with_gaf` /
   :func:`~optax_gaf.apply_if_agreed` (True after a step that was not skipped),
-  also where they sit inside a larger state (``optax.chain``,
-  ``optax.inject_hyperparams``).
+  also where they sit inside ``optax.chain``, ``optax.named_chain``,
+  ``optax.inject_hyperparams`` or ``optax.masked``. Inside wrappers that may
+  not run the inner update (``optax.apply_if_finite``, ``optax.MultiSteps``)
+  it raises instead of answering from a possibly stale inner state.
 
   Args:
     state: a :class:`GafAccumulateState` or a
@@ -246,8 +262,9 @@ def has_updated(state: Any) -> jax.Array:
   if len(found) != 1:
     raise ValueError(
         "`has_updated(state)` takes a state that holds one state of gaf_accumulate, "
-        f"with_gaf or apply_if_agreed (also inside optax.chain or "
-        f"optax.inject_hyperparams), got {type(state).__name__} holding {len(found)}")
+        "with_gaf or apply_if_agreed (also inside optax.chain, optax.named_chain, "
+        "optax.inject_hyperparams or optax.masked, not inside wrappers that may skip "
+        f"the inner update), got {type(state).__name__} holding {len(found)}")
   state = found[0]
   if isinstance(state, GafAccumulateState):
     return state.has_updated

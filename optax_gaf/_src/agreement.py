@@ -228,8 +228,9 @@ def agreement_weights(
     raise ValueError(f"`gram` must be a square [K, K] matrix with K >= 1, got shape {shape}")
   if not jnp.issubdtype(jnp.result_type(gram), jnp.floating):
     raise ValueError(f"`gram` must be floating point, got dtype {jnp.result_type(gram)}")
-  if finite is not None and (tuple(jnp.shape(finite)) != shape[:1]
-                             or jnp.result_type(finite) != jnp.bool_):
+  if finite is not None:
+    finite = jnp.asarray(finite)
+  if finite is not None and (finite.shape != shape[:1] or finite.dtype != jnp.bool_):
     raise ValueError(
         f"`finite` must be a bool array of shape {shape[:1]} (one flag per "
         f"microgradient), got shape {tuple(jnp.shape(finite))} and dtype "

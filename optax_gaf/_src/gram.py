@@ -74,18 +74,23 @@ def num_microbatches(
 
 
 def _check_against_params(names: list[str], grads: list[Any], params: Any) -> None:
-  """Raises ValueError unless each gradient leaf is ``(K, *param.shape)``, by tree path."""
+  """Raises ValueError unless each gradient leaf is ``(K, *param.shape)``.
+
+  With as many params leaves as gradient leaves they are paired in order
+  (as optax pairs updates with params; the paths may differ, e.g. Flax NNX
+  variables against their values). Otherwise only leaves with the same path
+  are paired: params may hold leaves that have no gradient (an Equinox
+  model's integer buffers or functions, where ``eqx.filter_grad`` gives
+  None), and those are not checked.
+  """
   p_leaves = jax.tree_util.tree_leaves_with_path(params)
-  p_names = [jax.tree_util.keystr(path) or "<root>" for path, _ in p_leaves]
-  if p_names != names:
-    only_grads = [n for n in names if n not in set(p_names)]
-    only_params = [n for n in p_names if n not in set(names)]
-    raise ValueError(
-        "The gradients' tree does not match `params`: leaves only in the gradients "
-        f"{only_grads[:4]}, only in params {only_params[:4]}"
-        + ("" if only_grads or only_params else " (same leaves in another order)"))
+  if len(p_leaves) == len(grads):
+    pairs = [(name, g, p) for name, g, (_, p) in zip(names, grads, p_leaves)]
+  else:
+    by_path = {jax.tree_util.keystr(path) or "<root>": p for path, p in p_leaves}
+    pairs = [(name, g, by_path[name]) for name, g in zip(names, grads) if name in by_path]
   pairs = [(name, tuple(jnp.shape(g)), tuple(jnp.shape(p)))
-           for name, g, (_, p) in zip(names, grads, p_leaves)]
+           for name, g, p in pairs if hasattr(p, "shape")]
   fits = lambda g_shape, p_shape: len(g_shape) == len(p_shape) + 1 and g_shape[1:] == p_shape
   k = next((g[0] for _, g, p in pairs if fits(g, p)), None)  # from a leaf that fits
   for name, g_shape, p_shape in pairs:
@@ -186,6 +191,9 @@ def finite_or_zero(x: jax.Array) -> jax.Array:
   Tangents of products that involve finite rows only are unchanged.
   """
   return jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))
+  # (When differentiating, reverse mode keeps this copy of the K x P
+  # microgradients for the transposed products: derivatives through the
+  # filter's statistics cost that much more memory.)
 
 
 def cross_products(grads: base.MicroGrads, other: base.MicroGrads) -> jax.Array:
