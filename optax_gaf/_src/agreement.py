@@ -230,11 +230,10 @@ def agreement_weights(
     raise ValueError(f"`gram` must be floating point, got dtype {jnp.result_type(gram)}")
   if finite is not None:
     finite = jnp.asarray(finite)
-  if finite is not None and (finite.shape != shape[:1] or finite.dtype != jnp.bool_):
-    raise ValueError(
-        f"`finite` must be a bool array of shape {shape[:1]} (one flag per "
-        f"microgradient), got shape {tuple(jnp.shape(finite))} and dtype "
-        f"{jnp.result_type(finite)}")
+    if finite.shape != shape[:1] or finite.dtype != jnp.bool_:
+      raise ValueError(
+          f"`finite` must be a bool array of shape {shape[:1]} (one flag per "
+          f"microgradient), got shape {finite.shape} and dtype {finite.dtype}")
   return weights_from_gram(gram, tau, combine, finite)
 
 

@@ -89,11 +89,11 @@ def _check_against_params(names: list[str], grads: list[Any], params: Any) -> No
   else:
     by_path = {jax.tree_util.keystr(path) or "<root>": p for path, p in p_leaves}
     pairs = [(name, g, by_path[name]) for name, g in zip(names, grads) if name in by_path]
-  pairs = [(name, tuple(jnp.shape(g)), tuple(jnp.shape(p)))
-           for name, g, p in pairs if hasattr(p, "shape")]
+  shapes = [(name, tuple(jnp.shape(g)), tuple(jnp.shape(p)))
+            for name, g, p in pairs if hasattr(p, "shape")]
   fits = lambda g_shape, p_shape: len(g_shape) == len(p_shape) + 1 and g_shape[1:] == p_shape
-  k = next((g[0] for _, g, p in pairs if fits(g, p)), None)  # from a leaf that fits
-  for name, g_shape, p_shape in pairs:
+  k = next((g[0] for _, g, p in shapes if fits(g, p)), None)  # from a leaf that fits
+  for name, g_shape, p_shape in shapes:
     if not fits(g_shape, p_shape):
       want = f"(K, *{p_shape})" if k is None else str((k, *p_shape))
       missing = " Is the microbatch axis missing on this leaf?" if g_shape == p_shape else ""
@@ -188,12 +188,12 @@ def finite_or_zero(x: jax.Array) -> jax.Array:
   depends on its inner products; but reverse mode multiplies their zero
   cotangents by the primal row, and ``0 * nan`` would put NaN into the
   derivatives of the finite microgradients (e.g. of ``GafState.distances``).
-  Tangents of products that involve finite rows only are unchanged.
+  Tangents of products that involve finite rows only are unchanged. When
+  differentiating, reverse mode keeps this copy of the K x P microgradients
+  for the transposed products: derivatives through the filter's statistics
+  cost that much more memory.
   """
   return jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))
-  # (When differentiating, reverse mode keeps this copy of the K x P
-  # microgradients for the transposed products: derivatives through the
-  # filter's statistics cost that much more memory.)
 
 
 def cross_products(grads: base.MicroGrads, other: base.MicroGrads) -> jax.Array:
