@@ -51,6 +51,7 @@ def main(argv=None) -> int:
   parser.add_argument("--step-gaf-ms", type=float, default=None,
                       help="authors' step_GAF on the MLP at K = 4 (default: results/torch.json)")
   parser.add_argument("--microbatch", type=int, default=32)
+  parser.add_argument("--out", default="floor", help="results/<out>.md and .json")
   args = parser.parse_args(argv)
   if args.step_gaf_ms is None:
     args.step_gaf_ms = recorded_step_gaf_ms()
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
       "Times are the best of the calls (a floor, not a typical time).",
   ]
   md = _common.write_results(
-      "floor", "Compute floor: XLA:CPU matrix-product rate on this machine",
+      args.out, "Compute floor: XLA:CPU matrix-product rate on this machine",
       _common.header({"repeats": args.repeats}), ["what", "best time", "rate"], rows, notes)
   print(md)
   return 0
