@@ -1,6 +1,7 @@
 """``gaf`` (transform.py): oracle agreement, edge cases, composition and bad input."""
 
 import functools
+import warnings
 
 import chex
 import jax
@@ -346,6 +347,15 @@ class GafEdgeCaseTest(chex.TestCase):
       optax_gaf.GafState.from_statistics(**{**stats, "accepted": jnp.zeros(3, bool)})
     with self.assertRaisesRegex(ValueError, r"`num_skipped` has shape \(2,\), expected \(\)"):
       optax_gaf.GafState.from_statistics(**{**stats, "num_skipped": jnp.zeros(2, jnp.int32)})
+    # The misshapen statistic is named even when it is `count` or `distances`.
+    with self.assertRaisesRegex(ValueError, r"`count` has shape \(2,\), expected \(\)"):
+      optax_gaf.GafState.from_statistics(**{**stats, "count": jnp.zeros(2, jnp.int32)})
+    with self.assertRaisesRegex(ValueError, r"`distances` has shape \(\), expected \(4,\)"):
+      optax_gaf.GafState.from_statistics(**{**stats, "distances": jnp.float32(0)})
+    batched = jax.vmap(lambda _: optax_gaf.gaf(num_microbatches=4).init(None))(jnp.arange(2))
+    stats = batched.as_dict()
+    with self.assertRaisesRegex(ValueError, r"`distances` has shape \(2, 3\), expected \(2, 4\)"):
+      optax_gaf.GafState.from_statistics(**{**stats, "distances": jnp.zeros((2, 3))})
 
   def test_running_totals_stop_at_the_int32_maximum(self):
     top = np.iinfo(np.int32).max
@@ -359,17 +369,30 @@ class GafEdgeCaseTest(chex.TestCase):
       self.assertEqual(int(state.num_skipped), want)
       self.assertEqual(int(state.num_dropped), want)
 
-  def test_traced_num_microbatches_at_init_is_an_error_naming_static_args(self):
+  def test_traced_num_microbatches_at_init_warns_naming_static_args(self):
+    params = {"w": jnp.zeros(2)}
     for factory in (optax_gaf.gaf, functools.partial(optax_gaf.with_gaf, optax.sgd(0.1))):
       injected = optax.inject_hyperparams(factory)(tau=0.5, num_microbatches=3)
-      with self.assertRaisesRegex(ValueError, r"static_args=\('num_microbatches',\)"):
-        jax.jit(injected.init)({"w": jnp.zeros(2)})
-      # Outside jit the count is concrete, and a jitted update then takes it traced.
-      state = injected.init({"w": jnp.zeros(2)})
-      _, state = jax.jit(injected.update)(
-          {"w": jnp.ones((3, 2))}, state, {"w": jnp.zeros(2)})
+      # Under jit (jax.jit(TrainState.create), eval_shape, pmap) the count is
+      # traced: the statistics start empty, as with num_microbatches=None,
+      # and a jitted training loop still runs.
+      with self.assertWarnsRegex(UserWarning, r"static_args=\('num_microbatches',\)"):
+        state = jax.jit(injected.init)(params)
       gaf_state = getattr(state.inner_state, "gaf_state", state.inner_state)
+      chex.assert_shape(gaf_state.distances, (0,))
+      step = jax.jit(injected.update)
+      for _ in range(2):
+        _, state = step({"w": jnp.ones((3, 2))}, state, params)
+      gaf_state = getattr(state.inner_state, "gaf_state", state.inner_state)
+      chex.assert_shape(gaf_state.distances, (3,))
       self.assertEqual(int(gaf_state.num_accepted), 3)
+      self.assertEqual(int(gaf_state.count), 2)
+      # Outside jit the count is concrete: no warning, statistics of length K.
+      with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state = injected.init(params)
+      gaf_state = getattr(state.inner_state, "gaf_state", state.inner_state)
+      chex.assert_shape(gaf_state.distances, (3,))
     static = optax.inject_hyperparams(optax_gaf.gaf, static_args=("num_microbatches",))(
         tau=0.5, num_microbatches=3)
     chex.assert_shape(jax.jit(static.init)(None).inner_state.distances, (3,))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal
 
 import jax
@@ -64,8 +65,8 @@ def check_num_microbatches(k: Any, name: str = "num_microbatches") -> int | None
 
   A traced count (``optax.inject_hyperparams`` makes numeric arguments part
   of the state) gives None: an ``update`` under ``jit`` takes K from the
-  gradients. Creating a state from it is an error
-  (:func:`check_sizable`).
+  gradients. Creating a state from it gives empty statistics, with a
+  warning (:func:`warn_if_unsized`).
   """
   if k is None or isinstance(k, jax.core.Tracer):
     return None
@@ -77,16 +78,20 @@ def check_num_microbatches(k: Any, name: str = "num_microbatches") -> int | None
   return k
 
 
-def check_sizable(k: Any, caller: str) -> None:
-  """Raises ValueError if ``k`` is traced when a state must be sized from it.
+def warn_if_unsized(k: Any, caller: str) -> None:
+  """Warns if ``k`` is traced when a state is created from it.
 
-  ``init`` under ``jit`` of ``optax.inject_hyperparams(gaf)(num_microbatches=K)``
-  sees a traced K and could only make per-microbatch statistics of length 0,
-  which would then fail inside the training loop with a shape mismatch.
+  ``init`` under ``jit`` (or ``eval_shape``, ``pmap``) of
+  ``optax.inject_hyperparams(gaf)(num_microbatches=K)`` sees a traced K. The
+  per-microbatch statistics then start empty, as with
+  ``num_microbatches=None``, and take length K at the first update: one
+  extra trace of a jitted step, but a shape mismatch inside ``lax.scan``.
   """
   if isinstance(k, jax.core.Tracer):
-    raise ValueError(
+    warnings.warn(
         f"`{caller}(num_microbatches=...)` is a traced value when the state is "
-        "created, so the per-microbatch statistics cannot be sized. With "
-        "`optax.inject_hyperparams`, pass `static_args=('num_microbatches',)`, "
-        "or call `init` outside `jit`.")
+        "created, so the per-microbatch statistics start empty (as with "
+        "`num_microbatches=None`) and take length K at the first update. To size "
+        "them at init (needed inside `lax.scan`), pass "
+        "`static_args=('num_microbatches',)` to `optax.inject_hyperparams`, or "
+        "call `init` outside `jit`.", stacklevel=3)

@@ -183,7 +183,7 @@ def apply_if_agreed(
   base.check_choice(skip_mode, wrapper.SKIP_MODES, "apply_if_agreed(skip_mode=...)")
 
   def init_fn(params: optax.Params) -> wrapper.WithGafState:
-    base.check_sizable(num_microbatches, "apply_if_agreed")
+    base.warn_if_unsized(num_microbatches, "apply_if_agreed")
     return wrapper.WithGafState(
         gaf_state=transform.init_gaf_state(k_static),
         inner_state=inner.init(params))

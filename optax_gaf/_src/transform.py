@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from typing import Any, NamedTuple
 
 import jax
@@ -114,14 +115,15 @@ class GafState(NamedTuple):
           f"{sorted(set(STATISTICS) - set(statistics))}, unknown "
           f"{sorted(set(statistics) - set(STATISTICS))}")
     arrays = {name: jnp.asarray(value) for name, value in statistics.items()}
-    batch = arrays["count"].shape
-    k = arrays["distances"].shape[-1:]
+    batch, k = _shared_shapes(arrays)
     for name, value in arrays.items():
       want = batch + k if name in _PER_MICROBATCH else batch
       if value.shape != want:
         raise ValueError(
             f"GafState.from_statistics: `{name}` has shape {value.shape}, expected "
-            f"{want} (`count` has shape {batch} and `distances` {batch + k})")
+            f"{want} (the batch shape {batch} of most scalar statistics"
+            + (f", and K = {k[0]} of most per-microbatch ones)" if name in _PER_MICROBATCH
+               else ")"))
     ints = [arrays[name].astype(jnp.int32) for name in
             ("count", "num_accepted", "skipped", "num_skipped", "num_dropped")]
     return cls(
@@ -144,6 +146,24 @@ STATISTICS: tuple[str, ...] = (
     "count", "tau", "distances", "accepted", "finite", "num_accepted", "skipped",
     "num_skipped", "num_dropped")
 _PER_MICROBATCH = ("distances", "accepted", "finite")
+
+
+def _shared_shapes(arrays: dict[str, jax.Array]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """The batch shape and ``(K,)`` that most statistics agree on.
+
+  Taken by majority, so that a single misshapen statistic is the one named
+  in :meth:`GafState.from_statistics`'s error (ties go to the first in
+  :data:`STATISTICS` order).
+  """
+  scalars = [arrays[name].shape for name in STATISTICS if name not in _PER_MICROBATCH]
+  batch = collections.Counter(scalars).most_common(1)[0][0]
+  lengths = [arrays[name].shape[-1:] for name in _PER_MICROBATCH
+             if arrays[name].ndim == len(batch) + 1]
+  if lengths:
+    k = collections.Counter(lengths).most_common(1)[0][0]
+  else:  # none fits the batch shape; any K gives the same complaint
+    k = arrays["distances"].shape[-1:] or (0,)
+  return batch, k
 
 
 def init_gaf_state(num_microbatches: int | None) -> GafState:
@@ -369,7 +389,7 @@ def make_gaf(
 
   def init_fn(params: optax.Params) -> GafState:
     del params
-    base.check_sizable(num_microbatches, caller)
+    base.warn_if_unsized(num_microbatches, caller)
     return init_gaf_state(k_static)
 
   def update_fn(grads, state: GafState, params=None, **extra_args):
