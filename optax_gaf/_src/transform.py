@@ -161,7 +161,8 @@ def _shared_shapes(arrays: dict[str, jax.Array]) -> tuple[tuple[int, ...], tuple
              if arrays[name].ndim == len(batch) + 1]
   if lengths:
     k = collections.Counter(lengths).most_common(1)[0][0]
-  else:  # none fits the batch shape; any K gives the same complaint
+  else:  # none has the batch shape plus one axis, so `distances` fails the
+    # check; its last axis (if any) is the K its message shows
     k = arrays["distances"].shape[-1:] or (0,)
   return batch, k
 
